@@ -1,0 +1,195 @@
+"""The psycopg 3 adapter.
+
+Connections are opened in autocommit mode (as asyncpg's are), so a one-off query
+leaves no transaction open and release costs no round trip. Cursor subclasses watch
+the SQL they send for statements that leave session state behind; client-side
+settings a borrower changed (autocommit, isolation level, read only, deferrable) also
+make the connection dirty, and a reset restores them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg import pq
+
+from millpond.drivers.base import Driver, leaves_session_state_bytes
+from millpond.errors import DatabaseUnavailable
+from millpond.pool.core import Release
+
+_OK = pq.ConnStatus.OK
+_IDLE = pq.TransactionStatus.IDLE
+_IN_TX = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+
+
+class _Watch:
+    """Mixin for cursors: flag the connection when a query leaves session state."""
+
+    _conn: Any
+
+    def _convert_query(self, query: Any, params: Any = None) -> Any:
+        pgq = super()._convert_query(query, params)  # type: ignore[misc]
+        conn = self._conn
+        if not conn._millpond_dirty and leaves_session_state_bytes(bytes(pgq.query)):
+            conn._millpond_dirty = True
+        return pgq
+
+
+class PooledCursor(_Watch, psycopg.AsyncCursor[Any]):
+    pass
+
+
+class PooledServerCursor(_Watch, psycopg.AsyncServerCursor[Any]):
+    pass
+
+
+class PooledConnection(psycopg.AsyncConnection[Any]):
+    """A psycopg connection whose cursors report session-state statements."""
+
+    _millpond_dirty = False
+
+
+class PsycopgDriver(Driver):
+    name = "psycopg"
+
+    async def connect(self, timeout: float) -> Any:
+        kwargs = dict(self.connect_kwargs)
+        kwargs.setdefault("autocommit", True)
+        kwargs.setdefault("connect_timeout", max(2, int(timeout + 0.999)))
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await PooledConnection.connect(self.dsn or "", **kwargs)
+        except (psycopg.OperationalError, OSError, TimeoutError) as exc:
+            raise DatabaseUnavailable(f"psycopg could not connect: {exc}") from exc
+        conn.cursor_factory = PooledCursor
+        conn.server_cursor_factory = PooledServerCursor
+        return conn
+
+    def verdict(self, conn: Any) -> Release:
+        pgconn = conn.pgconn
+        if pgconn.status != _OK:
+            return Release.BROKEN
+        status = pgconn.transaction_status
+        if status == _IDLE:
+            if (
+                conn._millpond_dirty
+                or not conn._autocommit
+                or conn._isolation_level is not None
+                or conn._read_only is not None
+                or conn._deferrable is not None
+            ):
+                return Release.DIRTY
+            return Release.CLEAN
+        if status in _IN_TX:
+            return Release.DIRTY
+        return Release.BROKEN  # a query still active, or status unknown
+
+    def is_alive(self, conn: Any) -> bool:
+        pgconn = conn.pgconn
+        if pgconn.status != _OK:
+            return False
+        # Nobody reads an idle psycopg socket, so ask libpq to: a server that went
+        # away shows up as EOF here (one non-blocking recv, no round trip).
+        try:
+            pgconn.consume_input()
+        except psycopg.Error:
+            return False
+        return bool(pgconn.status == _OK)
+
+    async def reset(self, conn: Any) -> None:
+        if conn.pgconn.transaction_status != _IDLE:
+            await conn.rollback()
+        if not conn._autocommit:
+            await conn.set_autocommit(True)
+        await conn.set_isolation_level(None)
+        await conn.set_read_only(None)
+        await conn.set_deferrable(None)
+        # psycopg notices DISCARD ALL and forgets its own prepared statements.
+        await conn.execute("DISCARD ALL")
+        conn._millpond_dirty = False
+
+    async def ping(self, conn: Any) -> None:
+        await conn.execute("SELECT 1")
+
+    async def close(self, conn: Any) -> None:
+        await conn.close()
+
+    def terminate(self, conn: Any) -> None:
+        conn.pgconn.finish()
+
+    def mark_dirty(self, conn: Any) -> None:
+        conn._millpond_dirty = True
+
+    async def fetch(
+        self, conn: Any, query: str, args: Sequence[Any], timeout: float | None
+    ) -> list[Any]:
+        async with asyncio.timeout(timeout):
+            cur = await conn.execute(query, args or None)
+            rows: list[Any] = await cur.fetchall()
+            return rows
+
+    async def fetchrow(
+        self, conn: Any, query: str, args: Sequence[Any], timeout: float | None
+    ) -> Any:
+        async with asyncio.timeout(timeout):
+            cur = await conn.execute(query, args or None)
+            return await cur.fetchone()
+
+    async def fetchval(
+        self, conn: Any, query: str, args: Sequence[Any], column: int, timeout: float | None
+    ) -> Any:
+        async with asyncio.timeout(timeout):
+            cur = await conn.execute(query, args or None)
+            row = await cur.fetchone()
+            return None if row is None else row[column]
+
+    async def execute(
+        self, conn: Any, query: str, args: Sequence[Any], timeout: float | None
+    ) -> str:
+        async with asyncio.timeout(timeout):
+            cur = await conn.execute(query, args or None)
+            return str(cur.statusmessage or "")
+
+    async def executemany(
+        self, conn: Any, query: str, args: Iterable[Sequence[Any]], timeout: float | None
+    ) -> None:
+        async with asyncio.timeout(timeout), conn.cursor() as cur:
+            await cur.executemany(query, args)
+
+    def transaction(
+        self, conn: Any, *, isolation: str | None, readonly: bool, deferrable: bool
+    ) -> AbstractAsyncContextManager[Any]:
+        if isolation is None and not readonly and not deferrable:
+            tx: AbstractAsyncContextManager[Any] = conn.transaction()
+            return tx
+        return _begin(conn, _begin_sql(isolation, readonly, deferrable))
+
+
+def _begin_sql(isolation: str | None, readonly: bool, deferrable: bool) -> str:
+    parts = ["BEGIN"]
+    if isolation is not None:
+        level = isolation.replace("_", " ").upper()
+        if level not in ("SERIALIZABLE", "REPEATABLE READ", "READ COMMITTED", "READ UNCOMMITTED"):
+            raise ValueError(f"unknown isolation level {isolation!r}")
+        parts.append(f"ISOLATION LEVEL {level}")
+    if readonly:
+        parts.append("READ ONLY")
+    if deferrable:
+        parts.append("DEFERRABLE")
+    return " ".join(parts)
+
+
+@asynccontextmanager
+async def _begin(conn: Any, begin: str) -> AsyncIterator[Any]:
+    await conn.execute(begin)
+    try:
+        yield conn
+    except BaseException:
+        if not conn.closed:
+            await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")

@@ -1,0 +1,428 @@
+"""The pool core: every lending decision, made synchronously, without I/O.
+
+Methods here change state and append what must be *done* (open, reset, check or
+close a connection) to :attr:`PoolCore.todo`; the async layer (:mod:`.pool`) drains
+that list and performs the I/O afterwards, outside any decision. Nothing here awaits,
+so no cancellation can interrupt a decision half-way (DESIGN principles 1 and 5).
+
+Invariants:
+- every live slot is in exactly one of: the idle stack, lent out, or under way
+  (connecting, checking, resetting);
+- a waiter is served first-in first-out and gets its slot by direct hand-off: a
+  released connection never passes through the idle stack while someone waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from millpond.config import PoolConfig
+from millpond.errors import DatabaseUnavailable, PoolClosed, PoolOverloaded
+from millpond.pool.state import LIVE_STATES, CloseReason, Slot, SlotState
+from millpond.pool.stats import Counters, PoolStats, closed_mapping
+
+S = SlotState
+
+
+class Act(enum.Enum):
+    CONNECT = "connect"
+    RESET = "reset"
+    CHECK = "check"
+    CLOSE = "close"
+
+
+class Release(enum.Enum):
+    """What the driver says about a connection coming back from a borrower."""
+
+    CLEAN = "clean"  # reusable as is: zero round trips
+    DIRTY = "dirty"  # open transaction or session state: reset first
+    BROKEN = "broken"  # dead or mid-protocol: close it
+
+
+class Waiter:
+    """A caller waiting for a connection; resolved by direct hand-off."""
+
+    __slots__ = ("future", "since")
+
+    def __init__(self, future: asyncio.Future[Slot], since: float) -> None:
+        self.future = future
+        self.since = since
+
+
+class PoolCore:
+    """Sizing, lending, waiting, lifetimes and statistics for one pool."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        name: str = "pool",
+        is_alive: Callable[[Any], bool] = lambda conn: True,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.name = name
+        self._is_alive = is_alive
+        self._rng = rng
+        self.idle: deque[Slot] = deque()
+        self.waiters: deque[Waiter] = deque()
+        self.slots: dict[int, Slot] = {}
+        self.todo: list[tuple[Act, Slot, CloseReason | None]] = []
+        self.counters = Counters()
+        self.closed = False
+        self.live = 0
+        self.connecting = 0
+        self.replacing = 0
+        self.last_connect_error: BaseException | None = None
+        self.backoff_until = 0.0
+        self._backoff = 0.0
+        self._next_id = 0
+
+    # -- lending ---------------------------------------------------------------
+
+    def acquire_nowait(self, now: float) -> Slot | None:
+        """An idle connection lent at once, or None. Never waits, never does I/O."""
+        idle = self.idle
+        validate_after = self.config.validate_idle_after
+        while idle:
+            slot = idle.pop()
+            if not self._is_alive(slot.conn):
+                self._discard(slot, CloseReason.BROKEN, now)
+                continue
+            if validate_after is not None and now - slot.idle_since > validate_after:
+                slot.move(S.CHECKING)
+                self.todo.append((Act.CHECK, slot, None))
+                continue
+            self._lend(slot, now)
+            wait = self.counters.wait_time
+            wait.count += 1
+            wait.buckets[0] += 1
+            return slot
+        return None
+
+    def _lend(self, slot: Slot, now: float) -> None:
+        if slot.state is not S.IN_USE:
+            slot.move(S.IN_USE)
+        slot.acquired_at = now
+        slot.uses += 1
+        slot.leak_reported = False
+        self.counters.acquires += 1
+
+    def wait(self, future: asyncio.Future[Slot], now: float) -> Waiter:
+        """Queue a caller for the next free connection (after acquire_nowait failed)."""
+        if self.closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        limit = self.config.max_waiting
+        if limit and len(self.waiters) >= limit:
+            self.counters.rejected += 1
+            raise PoolOverloaded(
+                f"pool {self.name!r}: {len(self.waiters)} callers already waiting "
+                f"(max_waiting={limit}); {self.describe()}"
+            )
+        waiter = Waiter(future, now)
+        self.waiters.append(waiter)
+        self.counters.waits += 1
+        self._want_connections(now)
+        return waiter
+
+    def forget_waiter(self, waiter: Waiter) -> None:
+        """A waiter gave up (timeout or cancellation) before being served."""
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(waiter)
+
+    def release(self, slot: Slot, verdict: Release, now: float) -> None:
+        """Take a connection back from its borrower and decide what it needs."""
+        self.counters.use_time.record(now - slot.acquired_at)
+        slot.lease_site = None
+        if verdict is Release.BROKEN:
+            self._discard(slot, CloseReason.BROKEN, now)
+            self._want_connections(now)
+            return
+        reason = self._retire_reason(slot, now)
+        if reason is not None:
+            self._retire(slot, reason)
+            self._want_connections(now)
+        elif verdict is Release.DIRTY or self.config.reset == "always":
+            slot.move(S.RESETTING)
+            self.counters.resets += 1
+            self.todo.append((Act.RESET, slot, None))
+        else:
+            self._put_back(slot, now)
+
+    def _retire_reason(self, slot: Slot, now: float) -> CloseReason | None:
+        if self.closed:
+            return CloseReason.POOL_CLOSED
+        if slot.retire is not None:
+            return slot.retire
+        max_uses = self.config.max_uses
+        if max_uses and slot.uses >= max_uses:
+            return CloseReason.USES
+        if now >= slot.expires_at:
+            return CloseReason.LIFETIME
+        return None
+
+    def _put_back(self, slot: Slot, now: float) -> None:
+        """Hand ``slot`` to the first live waiter, or push it on the idle stack."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if waiter.future.done():
+                continue
+            self._lend(slot, now)
+            self.counters.wait_time.record(now - waiter.since)
+            waiter.future.set_result(slot)
+            return
+        slot.move(S.IDLE)
+        slot.idle_since = now
+        self.idle.append(slot)
+
+    # -- outcomes of the I/O the pool performed ------------------------------------
+
+    def connected(self, slot: Slot, conn: Any, now: float) -> bool:
+        """A connect succeeded; False if the pool was terminated meanwhile (drop conn)."""
+        if slot.state is S.CLOSED:
+            return False
+        slot.conn = conn
+        slot.created_at = now
+        lifetime = self.config.max_lifetime
+        if lifetime is not None:
+            slot.expires_at = now + lifetime * (1 - self.config.lifetime_jitter * self._rng())
+        self.connecting -= 1
+        self.counters.opened += 1
+        self.last_connect_error = None
+        self._backoff = 0.0
+        if self.closed:
+            self._retire(slot, CloseReason.POOL_CLOSED)
+            return True
+        self._put_back(slot, now)
+        if self.replacing:
+            self.replacing -= 1
+            self._retire_one_expired_idle()
+        return True
+
+    def connect_failed(self, slot: Slot, error: BaseException, now: float) -> float:
+        """Record a failed attempt; return the backoff delay before the next one."""
+        if slot.state is S.CLOSED:
+            return 0.0
+        self.connecting -= 1
+        self.replacing = min(self.replacing, self.connecting)
+        self._remove(slot, S.BROKEN)
+        self.counters.connect_errors += 1
+        self.last_connect_error = error
+        cfg = self.config
+        self._backoff = min(cfg.reconnect_delay_max, max(cfg.reconnect_delay, self._backoff * 2))
+        delay = self._backoff * (0.5 + self._rng() / 2)
+        self.backoff_until = now + delay
+        if self.live == 0:
+            self._fail_waiters(error)
+        return delay
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        while self.waiters:
+            future = self.waiters.popleft().future
+            if not future.done():
+                exc = DatabaseUnavailable(f"pool {self.name!r}: cannot connect: {error}")
+                exc.__cause__ = error
+                future.set_exception(exc)
+
+    def reset_done(self, slot: Slot, ok: bool, now: float) -> None:
+        if slot.state is S.CLOSED:
+            return
+        if not ok:
+            self._discard(slot, CloseReason.RESET_FAILED, now)
+            self._want_connections(now)
+        elif self.closed:
+            self._retire(slot, CloseReason.POOL_CLOSED)
+        else:
+            self._put_back(slot, now)
+
+    def check_done(self, slot: Slot, ok: bool, now: float) -> None:
+        if slot.state is S.CLOSED:
+            return
+        if not ok:
+            self._discard(slot, CloseReason.HEALTH_CHECK, now)
+            self._want_connections(now)
+        elif self.closed:
+            self._retire(slot, CloseReason.POOL_CLOSED)
+        else:
+            self._put_back(slot, now)
+
+    def close_done(self, slot: Slot) -> None:
+        if slot.state is not S.CLOSED:
+            slot.move(S.CLOSED)
+        self.slots.pop(slot.id, None)
+
+    def forget(self, slot: Slot) -> None:
+        """Terminate path: drop ``slot`` whatever its state (its connection is gone)."""
+        if slot.state in LIVE_STATES:
+            self.live -= 1
+        if slot.state is S.CONNECTING:
+            self.connecting -= 1
+        if slot.state is S.IDLE:
+            self.idle.remove(slot)
+        slot.state = S.CLOSED
+        self.slots.pop(slot.id, None)
+
+    @property
+    def ready_count(self) -> int:
+        """Connections that are up (idle, lent, or being reset or checked)."""
+        return self.live - self.connecting
+
+    # -- sizing ------------------------------------------------------------------
+
+    def _want_connections(self, now: float) -> None:
+        """Start as many connects as demand, capacity and the connect limit allow."""
+        if self.closed or now < self.backoff_until:
+            return
+        cfg = self.config
+        want = max(cfg.min_size - self.live, len(self.waiters) - self.connecting)
+        room = min(cfg.max_size - self.live, cfg.max_concurrent_connects - self.connecting)
+        for _ in range(min(want, room)):
+            self._new_slot(now)
+
+    def _new_slot(self, now: float) -> None:
+        self._next_id += 1
+        slot = Slot(self._next_id, now)
+        self.slots[slot.id] = slot
+        self.live += 1
+        self.connecting += 1
+        self.todo.append((Act.CONNECT, slot, None))
+
+    def retry_connects(self, now: float) -> None:
+        """Called when a backoff delay has passed."""
+        self._want_connections(now)
+
+    def _retire(self, slot: Slot, reason: CloseReason) -> None:
+        self._remove(slot, S.CLOSING)
+        self.counters.closed[reason] += 1
+        self.todo.append((Act.CLOSE, slot, reason))
+
+    def _discard(self, slot: Slot, reason: CloseReason, now: float) -> None:
+        self._remove(slot, S.BROKEN)
+        self.counters.closed[reason] += 1
+        self.todo.append((Act.CLOSE, slot, reason))
+
+    def _remove(self, slot: Slot, state: SlotState) -> None:
+        if slot.state in LIVE_STATES:
+            self.live -= 1
+        slot.move(state)
+
+    def _retire_one_expired_idle(self) -> None:
+        """A fresh connection arrived: let one idle connection marked for retirement go."""
+        for slot in self.idle:
+            if slot.retire is not None:
+                self.idle.remove(slot)
+                self._retire(slot, slot.retire)
+                return
+
+    # -- housekeeping (called by the janitor) --------------------------------------
+
+    def housekeep(self, now: float) -> list[Slot]:
+        """Idle timeouts, lifetimes, health checks, refill; returns newly leaked slots."""
+        if self.closed:
+            return []
+        self._expire_idle(now)
+        self._mark_expired(now)
+        self._health_checks(now)
+        self._want_connections(now)
+        return self._find_leaks(now)
+
+    def _expire_idle(self, now: float) -> None:
+        max_idle = self.config.max_idle
+        if max_idle is None:
+            return
+        surplus = self.live - self.config.min_size
+        # Oldest-idle first: the bottom of the LIFO stack idles longest.
+        while surplus > 0 and self.idle and now - self.idle[0].idle_since > max_idle:
+            self._retire(self.idle.popleft(), CloseReason.IDLE)
+            surplus -= 1
+
+    def _mark_expired(self, now: float) -> None:
+        """Past-lifetime idle connections get a replacement before they are closed.
+
+        A replacement may briefly take the pool above ``max_size`` by the number of
+        connections being replaced; the old one is retired when the new one is up.
+        """
+        for slot in self.idle:
+            if slot.retire is None and now >= slot.expires_at:
+                slot.retire = CloseReason.LIFETIME
+        pending = sum(1 for s in self.idle if s.retire is not None)
+        room = self.config.max_concurrent_connects - self.connecting
+        for _ in range(max(0, min(room, pending - self.replacing))):
+            self._new_slot(now)
+            self.replacing += 1
+
+    def _health_checks(self, now: float) -> None:
+        interval = self.config.health_check_interval
+        if interval is None:
+            return
+        for slot in [s for s in self.idle if now - s.idle_since > interval]:
+            self.idle.remove(slot)
+            slot.move(S.CHECKING)
+            self.todo.append((Act.CHECK, slot, None))
+
+    def _find_leaks(self, now: float) -> list[Slot]:
+        threshold = self.config.leak_threshold
+        if threshold is None:
+            return []
+        leaked = []
+        for slot in self.slots.values():
+            overdue = now - slot.acquired_at > threshold
+            if slot.state is S.IN_USE and not slot.leak_reported and overdue:
+                slot.leak_reported = True
+                self.counters.leaks += 1
+                leaked.append(slot)
+        return leaked
+
+    def close(self) -> None:
+        """Stop lending: fail waiters, retire idle connections; lent ones retire on release."""
+        self.closed = True
+        while self.waiters:
+            future = self.waiters.popleft().future
+            if not future.done():
+                future.set_exception(PoolClosed(f"pool {self.name!r} is closing"))
+        while self.idle:
+            self._retire(self.idle.pop(), CloseReason.POOL_CLOSED)
+
+    # -- observation -----------------------------------------------------------------
+
+    def count(self, state: SlotState) -> int:
+        return sum(1 for s in self.slots.values() if s.state is state)
+
+    def stats(self, now: float) -> PoolStats:
+        c = self.counters
+        in_use = [s for s in self.slots.values() if s.state is S.IN_USE]
+        oldest = max((now - s.acquired_at for s in in_use), default=0.0)
+        return PoolStats(
+            name=self.name,
+            min_size=self.config.min_size,
+            max_size=self.config.max_size,
+            size=self.live,
+            idle=len(self.idle),
+            in_use=len(in_use),
+            connecting=self.connecting,
+            resetting=self.count(S.RESETTING) + self.count(S.CHECKING),
+            waiting=sum(1 for w in self.waiters if not w.future.done()),
+            acquires=c.acquires,
+            waits=c.waits,
+            timeouts=c.timeouts,
+            rejected=c.rejected,
+            connections_opened=c.opened,
+            connections_closed=closed_mapping(c.closed),
+            connect_errors=c.connect_errors,
+            leaks=c.leaks,
+            resets=c.resets,
+            oldest_lease_age=oldest,
+            wait_time=c.wait_time.snapshot(),
+            use_time=c.use_time.snapshot(),
+        )
+
+    def describe(self) -> str:
+        size = f"{self.live}/{self.config.max_size}"
+        return f"size={size} idle={len(self.idle)} waiting={len(self.waiters)}"

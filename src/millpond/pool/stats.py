@@ -1,0 +1,174 @@
+"""Statistics: cheap counters on the hot path, immutable snapshots for readers.
+
+Readers (``Pool.stats()``, metrics, the admin console) only ever see a frozen
+:class:`PoolStats`; nothing outside the pool touches the live counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from millpond.pool.state import CloseReason
+
+# Histogram buckets: 4 per power of two of microseconds, up to ~2^36 us (19 hours).
+_SUB = 4
+_OCTAVES = 37
+_NBUCKETS = _OCTAVES * _SUB
+
+
+def _bucket(us: int) -> int:
+    """Bucket index for a duration in whole microseconds (about 19% wide buckets)."""
+    if us < _SUB:
+        return max(us, 0)
+    bits = us.bit_length()
+    idx = (bits - 2) * _SUB + ((us >> (bits - 3)) & (_SUB - 1))
+    return idx if idx < _NBUCKETS else _NBUCKETS - 1
+
+
+def _bucket_upper_us(idx: int) -> float:
+    """The largest duration (in microseconds) that falls in bucket ``idx``."""
+    if idx < _SUB:
+        return float(idx)
+    octave, sub = divmod(idx, _SUB)
+    bits = octave + 2
+    low = (1 << (bits - 1)) | (sub << (bits - 3))
+    return float(low + (1 << (bits - 3)) - 1)
+
+
+class Histogram:
+    """A log-bucketed duration histogram: O(1) record, percentiles within ~19%."""
+
+    __slots__ = ("buckets", "count", "max", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * _NBUCKETS
+        self.count = 0
+        self.sum = 0.0
+        self.max = 0.0
+
+    def record(self, seconds: float) -> None:
+        self.count += 1
+        self.sum += seconds
+        if seconds > self.max:
+            self.max = seconds
+        self.buckets[_bucket(int(seconds * 1_000_000))] += 1
+
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(
+            count=self.count,
+            sum=self.sum,
+            max=self.max,
+            p50=self._quantile(0.50),
+            p90=self._quantile(0.90),
+            p99=self._quantile(0.99),
+            buckets=tuple(self.buckets),
+        )
+
+    def _quantile(self, q: float) -> float:
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for idx, n in enumerate(self.buckets):
+            seen += n
+            if seen >= rank and n:
+                return min(_bucket_upper_us(idx) / 1_000_000, self.max)
+        return self.max
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    """Durations in seconds: count, sum, max and estimated percentiles."""
+
+    count: int
+    sum: float
+    max: float
+    p50: float
+    p90: float
+    p99: float
+    buckets: tuple[int, ...] = field(repr=False)
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+    @staticmethod
+    def bucket_upper_bounds() -> tuple[float, ...]:
+        """Upper bound in seconds of each bucket, for exporters."""
+        return tuple(_bucket_upper_us(i) / 1_000_000 for i in range(_NBUCKETS))
+
+
+class Counters:
+    """The live, mutable counters a pool keeps. Only the pool writes them."""
+
+    __slots__ = (
+        "acquires",
+        "closed",
+        "connect_errors",
+        "leaks",
+        "opened",
+        "rejected",
+        "resets",
+        "timeouts",
+        "use_time",
+        "wait_time",
+        "waits",
+    )
+
+    def __init__(self) -> None:
+        self.acquires = 0
+        self.waits = 0
+        self.timeouts = 0
+        self.rejected = 0
+        self.opened = 0
+        self.closed = dict.fromkeys(CloseReason, 0)
+        self.connect_errors = 0
+        self.leaks = 0
+        self.resets = 0
+        self.wait_time = Histogram()
+        self.use_time = Histogram()
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """An immutable snapshot of a pool at one moment."""
+
+    name: str
+    min_size: int
+    max_size: int
+    size: int
+    idle: int
+    in_use: int
+    connecting: int
+    resetting: int
+    waiting: int
+    acquires: int
+    waits: int
+    timeouts: int
+    rejected: int
+    connections_opened: int
+    connections_closed: Mapping[str, int]
+    connect_errors: int
+    leaks: int
+    resets: int
+    oldest_lease_age: float
+    wait_time: HistogramSnapshot
+    use_time: HistogramSnapshot
+
+    @property
+    def connections_closed_total(self) -> int:
+        return sum(self.connections_closed.values())
+
+    def describe(self) -> str:
+        """A one-line human summary, used in error messages and logs."""
+        return (
+            f"size={self.size}/{self.max_size} idle={self.idle} in_use={self.in_use} "
+            f"connecting={self.connecting} waiting={self.waiting} "
+            f"oldest_lease={self.oldest_lease_age:.3f}s"
+        )
+
+
+def closed_mapping(closed: dict[CloseReason, int]) -> Mapping[str, int]:
+    return MappingProxyType({reason.value: n for reason, n in closed.items()})
