@@ -204,6 +204,7 @@ class PoolCore:
         if self.replacing:
             self.replacing -= 1
             self._retire_one_expired_idle()
+        self._want_connections(now)  # keep filling towards min_size
         return True
 
     def connect_failed(self, slot: Slot, error: BaseException, now: float) -> float:
@@ -213,6 +214,7 @@ class PoolCore:
         self.connecting -= 1
         self.replacing = min(self.replacing, self.connecting)
         self._remove(slot, S.BROKEN)
+        self.close_done(slot)  # nothing to close: there is no connection
         self.counters.connect_errors += 1
         self.last_connect_error = error
         cfg = self.config
@@ -224,11 +226,13 @@ class PoolCore:
         return delay
 
     def _fail_waiters(self, error: BaseException) -> None:
+        # Chain the driver's own error, not the adapter's wrapper around it.
+        cause = error.__cause__ if isinstance(error, DatabaseUnavailable) else error
         while self.waiters:
             future = self.waiters.popleft().future
             if not future.done():
-                exc = DatabaseUnavailable(f"pool {self.name!r}: cannot connect: {error}")
-                exc.__cause__ = error
+                exc = DatabaseUnavailable(f"pool {self.name!r}: {error}")
+                exc.__cause__ = cause or error
                 future.set_exception(exc)
 
     def reset_done(self, slot: Slot, ok: bool, now: float) -> None:

@@ -1,0 +1,39 @@
+"""The histogram behind wait-time and use-time percentiles."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from millpond.pool.stats import Histogram, _bucket, _bucket_upper_us
+
+
+def test_percentiles_within_bucket_resolution() -> None:
+    hist = Histogram()
+    rng = random.Random(7)
+    samples = [rng.uniform(0.0001, 0.1) for _ in range(10_000)]
+    for s in samples:
+        hist.record(s)
+    snap = hist.snapshot()
+    samples.sort()
+    for q, got in ((0.5, snap.p50), (0.9, snap.p90), (0.99, snap.p99)):
+        exact = samples[int(q * len(samples)) - 1]
+        assert exact * 0.99 <= got <= exact * 1.30, (q, exact, got)
+    assert snap.count == 10_000
+    assert abs(snap.sum - sum(samples)) < 1e-6
+    assert snap.max == max(samples)
+
+
+def test_empty_histogram() -> None:
+    snap = Histogram().snapshot()
+    assert (snap.count, snap.p50, snap.p99, snap.mean) == (0, 0.0, 0.0, 0.0)
+
+
+@given(st.integers(min_value=0, max_value=2**40))
+def test_bucket_bounds_contain_value(us: int) -> None:
+    idx = _bucket(us)
+    assert us <= _bucket_upper_us(idx) or idx == len(Histogram().buckets) - 1
+    if idx > 0 and us < 2**36:
+        assert us > _bucket_upper_us(idx - 1)
