@@ -107,6 +107,9 @@ class AsyncpgDriver(Driver):
     def mark_dirty(self, conn: Any) -> None:
         conn._millpond_dirty = True
 
+    def mark_clean(self, conn: Any) -> None:
+        conn._millpond_dirty = False
+
     def fetch(self, conn: Any, query: str, args: Sequence[Any], timeout: float | None) -> Any:
         return conn.fetch(query, *args, timeout=timeout)
 

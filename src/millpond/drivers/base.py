@@ -21,10 +21,10 @@ from millpond.pool.core import Release
 # marks the connection dirty, so it is reset before anyone else borrows it. The
 # pattern errs towards false positives (a needless reset) over false negatives.
 _SESSION_WORDS = (
-    r"set_config|pg_(?:try_)?advisory_lock(?:_shared)?|listen|unlisten|prepare|"
-    r"deallocate|discard|temp|temporary|hold|role|session|authorization"
+    r"set_config|pg_settings|pg_temp|pg_(?:try_)?advisory_lock(?:_shared)?|listen|unlisten|"
+    r"prepare|deallocate|discard|temp|temporary|hold|role|session|authorization"
 )
-_LEADING = r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
+_LEADING = r"(?:\s+|--[^\n\r]*|/\*.*?\*/)*"
 _SESSION_STATEMENTS = r"set|reset|do|load"
 _PATTERN = (
     rf"\b(?:{_SESSION_WORDS})\b"
@@ -102,6 +102,10 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def mark_dirty(self, conn: Any) -> None:
         """Force a reset on release (state the detector cannot see)."""
+
+    @abc.abstractmethod
+    def mark_clean(self, conn: Any) -> None:
+        """The connection's present state is its baseline (after ``on_connect``)."""
 
     # -- the everyday API, in the driver's own placeholder style ------------------
 

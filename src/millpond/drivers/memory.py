@@ -111,6 +111,9 @@ class MemoryDriver(Driver):
     def mark_dirty(self, conn: MemoryConnection) -> None:
         conn.dirty = True
 
+    def mark_clean(self, conn: MemoryConnection) -> None:
+        conn.dirty = False
+
     async def fetch(
         self, conn: MemoryConnection, query: str, args: Sequence[Any], timeout: float | None
     ) -> list[Any]:

@@ -10,6 +10,7 @@ make the connection dirty, and a reset restores them.
 from __future__ import annotations
 
 import asyncio
+import select
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -51,6 +52,23 @@ class PooledConnection(psycopg.AsyncConnection[Any]):
     """A psycopg connection whose cursors report session-state statements."""
 
     _millpond_dirty = False
+    # Client-side settings as they were when the connection was set up.
+    _millpond_row_factory: Any = None
+    _millpond_prepare_threshold: int | None = None
+
+    def _millpond_remember(self) -> None:
+        self._millpond_row_factory = self.row_factory
+        self._millpond_prepare_threshold = self.prepare_threshold
+
+    def _millpond_changed(self) -> bool:
+        return (
+            not self._autocommit
+            or self._isolation_level is not None
+            or self._read_only is not None
+            or self._deferrable is not None
+            or self.row_factory is not self._millpond_row_factory
+            or self.prepare_threshold != self._millpond_prepare_threshold
+        )
 
 
 class PsycopgDriver(Driver):
@@ -67,6 +85,7 @@ class PsycopgDriver(Driver):
             raise DatabaseUnavailable(f"psycopg could not connect: {exc}") from exc
         conn.cursor_factory = PooledCursor
         conn.server_cursor_factory = PooledServerCursor
+        conn._millpond_remember()
         return conn
 
     def verdict(self, conn: Any) -> Release:
@@ -75,13 +94,7 @@ class PsycopgDriver(Driver):
             return Release.BROKEN
         status = pgconn.transaction_status
         if status == _IDLE:
-            if (
-                conn._millpond_dirty
-                or not conn._autocommit
-                or conn._isolation_level is not None
-                or conn._read_only is not None
-                or conn._deferrable is not None
-            ):
+            if conn._millpond_dirty or conn._millpond_changed():
                 return Release.DIRTY
             return Release.CLEAN
         if status in _IN_TX:
@@ -92,9 +105,13 @@ class PsycopgDriver(Driver):
         pgconn = conn.pgconn
         if pgconn.status != _OK:
             return False
-        # Nobody reads an idle psycopg socket, so ask libpq to: a server that went
-        # away shows up as EOF here (one non-blocking recv, no round trip).
+        # Nobody reads an idle psycopg socket. If it is readable, the server sent
+        # something unasked: a notice, or its farewell (FATAL, then EOF). Let libpq
+        # read it: the second read sees the EOF. No round trip either way.
+        if not select.select((pgconn.socket,), (), (), 0)[0]:
+            return True
         try:
+            pgconn.consume_input()
             pgconn.consume_input()
         except psycopg.Error:
             return False
@@ -108,6 +125,8 @@ class PsycopgDriver(Driver):
         await conn.set_isolation_level(None)
         await conn.set_read_only(None)
         await conn.set_deferrable(None)
+        conn.row_factory = conn._millpond_row_factory
+        conn.prepare_threshold = conn._millpond_prepare_threshold
         # psycopg notices DISCARD ALL and forgets its own prepared statements.
         await conn.execute("DISCARD ALL")
         conn._millpond_dirty = False
@@ -123,6 +142,10 @@ class PsycopgDriver(Driver):
 
     def mark_dirty(self, conn: Any) -> None:
         conn._millpond_dirty = True
+
+    def mark_clean(self, conn: Any) -> None:
+        conn._millpond_dirty = False
+        conn._millpond_remember()
 
     async def fetch(
         self, conn: Any, query: str, args: Sequence[Any], timeout: float | None

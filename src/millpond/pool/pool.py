@@ -358,6 +358,7 @@ class Pool:
             conn = await self.driver.connect(self.config.connect_timeout)
             if self._on_connect is not None:
                 await self._on_connect(conn)
+                self.driver.mark_clean(conn)  # what on_connect set is the baseline
         except Exception as exc:
             if conn is not None:
                 self.driver.terminate(conn)
@@ -386,6 +387,7 @@ class Pool:
                 await self.driver.reset(slot.conn)
                 if self._on_connect is not None:
                     await self._on_connect(slot.conn)  # DISCARD ALL undid its settings
+                    self.driver.mark_clean(slot.conn)
             ok = True
         except Exception as exc:
             log.warning("pool %r: reset failed, dropping connection: %r", self.name, exc)

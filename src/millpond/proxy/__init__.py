@@ -1,0 +1,1 @@
+"""The millpond pooling proxy: a PgBouncer-compatible PostgreSQL front end."""
