@@ -250,9 +250,9 @@ class HbaRule:
             return False
         if self.network is not None and (address is None or address not in self.network):
             return False
-        return self.databases.matches(
-            database, user, replication=replication
-        ) and self.users.matches(user, database)
+        if not self.databases.matches(database, user, replication=replication):
+            return False
+        return self.users.matches(user, database)
 
 
 def _type_matches(rule_type: ConnType, conn_type: ConnType) -> bool:

@@ -70,6 +70,9 @@ class Message(NamedTuple):
         """The message body after the type byte and the Int32 length."""
         return self.data[_HEADER_SIZE:]
 
+    def __repr__(self) -> str:
+        return f"Message(type={self.type!r}, length={len(self.data) - 1})"
+
 
 class Scan(NamedTuple):
     """What :meth:`MessageReader.scan` found at the front of the buffer.
@@ -165,22 +168,23 @@ class MessageReader:
         """
         buf, start, limit = self._buf, self._pos, self._limit
         end = len(buf)
+        last_header = end - _HEADER_SIZE
         pos = last = start
         ready = -1
         types = bytearray()
-        unpack = _LENGTH.unpack_from
-        while end - pos >= _HEADER_SIZE:
+        append, unpack = types.append, _LENGTH.unpack_from
+        while pos <= last_header:
             length: int = unpack(buf, pos + 1)[0]
-            if length < 4 or length > limit:
+            if not 4 <= length <= limit:
                 raise _bad_length(buf[pos], length, limit)
-            after = pos + 1 + length
-            if after > end:
+            if pos + 1 + length > end:
                 break
             kind = buf[pos]
-            types.append(kind)
+            append(kind)
             if kind == _READY:
                 ready = pos
-            last, pos = pos, after
+            last = pos
+            pos += 1 + length
             if kind in stop:
                 break
         return Scan(pos - start, bytes(types), last - start, self._ready_status(ready))
