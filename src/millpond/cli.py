@@ -85,6 +85,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    from millpond.proxy.cli import run_proxy
+
+    return run_proxy(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="millpond", description=millpond.__doc__)
     parser.add_argument("--version", action="version", version=millpond.__version__)
@@ -95,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--tasks", type=int, default=100)
     demo.add_argument("--seconds", type=float, default=3.0)
     demo.set_defaults(func=_cmd_demo)
+    from millpond.proxy.cli import add_proxy_arguments
+
+    proxy = sub.add_parser("proxy", help="run the PgBouncer-compatible pooling proxy")
+    add_proxy_arguments(proxy)
+    proxy.set_defaults(func=_cmd_proxy)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

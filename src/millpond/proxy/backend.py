@@ -1,0 +1,335 @@
+"""Server connections: the proxy's side of each PostgreSQL connection.
+
+A :class:`ServerConnection` is an asyncio Protocol. It logs in (startup, whatever
+authentication the server asks for, ParameterStatus, BackendKeyData), then either
+sits in its pool or is *linked* to one client, forwarding the server's bytes to it
+untouched while watching only message headers for ReadyForQuery. Short internal
+queries (the reset query, the check query, SETs that align a client's parameters)
+run between clients with their results consumed here.
+
+:class:`ServerDriver` adapts these connections to the pool core's driver interface,
+so lifetimes, idle timeouts, health checks and statistics come from the pool core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from millpond.drivers.base import Driver
+from millpond.errors import DatabaseUnavailable, ProtocolError
+from millpond.pool.core import Release
+from millpond.proxy.login import ServerLogin
+from millpond.proxy.protocol import messages as m
+from millpond.proxy.protocol.codec import MessageReader
+from millpond.proxy.protocol.parsers import (
+    decode_backend_key_data,
+    decode_error_response,
+    decode_parameter_status,
+)
+
+if TYPE_CHECKING:
+    from millpond.proxy.frontend import ClientConnection
+
+log = logging.getLogger("millpond.proxy")
+
+#: Parameters PgBouncer keeps in step between a client and whichever server serves it.
+TRACKED_PARAMS = (
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "application_name",
+)
+
+
+class ServerState(enum.Enum):
+    LOGIN = "login"
+    IDLE = "idle"  # in the pool, or linked and between messages
+    INTERNAL = "internal"  # running the proxy's own query
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTarget:
+    """Where and as whom a pool's server connections log in."""
+
+    host: str | None  # None: Unix socket in ``socket_dir``
+    port: int
+    database: str
+    user: str
+    password: str | None = field(repr=False)
+    socket_dir: str = "/tmp"
+    startup: tuple[tuple[str, str], ...] = ()
+    connect_query: str | None = None
+
+    def describe(self) -> str:
+        where = self.host or f"{self.socket_dir}/.s.PGSQL.{self.port}"
+        return f"{self.user}@{where}:{self.port}/{self.database}"
+
+
+class ServerConnection(asyncio.Protocol):
+    """One connection to PostgreSQL, owned by a pool, lent to one client at a time."""
+
+    def __init__(self, target: ServerTarget) -> None:
+        self.target = target
+        self.transport: asyncio.Transport | None = None
+        self.reader = MessageReader()
+        self.state = ServerState.LOGIN
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_key: bytes = b""
+        self.client: ClientConnection | None = None
+        self.outstanding = 0  # ReadyForQuery messages still owed to the client
+        self.tx_status = m.TX_IDLE
+        self.cancels = 0  # cancel requests in flight for this connection
+        self.param_sig: tuple[str | None, ...] = ()
+        self._auth = ServerLogin(target.user, target.password)
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: str | None = None
+        self._on_internal_done: Callable[[], None] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<ServerConnection pid={self.backend_pid} {self.state.value} {self.target.describe()}>"
+        )
+
+    # -- asyncio.Protocol ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        params = [("user", self.target.user), ("database", self.target.database)]
+        params.extend(self.target.startup)
+        self.transport.write(m.startup_message(dict(params)))
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        client = self.client
+        if client is not None and self.state is ServerState.IDLE:
+            try:
+                span = reader.read_span()
+            except ProtocolError as exc:
+                self.abort(f"server sent a bad message: {exc}")
+                return
+            if span is not None:
+                client.from_server(self, span.data, span.types, span.ready_status)
+            return
+        try:
+            self._inspect()
+        except ProtocolError as exc:
+            self.abort(f"server sent a bad message: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = ServerState.CLOSED
+        self._finish_wait(ConnectionError(self._error or "server closed the connection"))
+        client = self.client
+        if client is not None:
+            client.server_lost(self)
+
+    # -- login, internal queries and unsolicited messages ---------------------------
+
+    def _inspect(self) -> None:
+        for msg in self.reader:
+            kind, payload = msg.type, msg.payload
+            if kind == m.AUTHENTICATION and self.state is ServerState.LOGIN:
+                self._authenticate(payload)
+            elif kind == m.PARAMETER_STATUS:
+                status = decode_parameter_status(payload)
+                self.params[status.name] = status.value
+                self._refresh_sig()
+            elif kind == m.BACKEND_KEY_DATA:
+                key = decode_backend_key_data(payload)
+                self.backend_pid, self.backend_key = key.pid, key.secret
+            elif kind == m.ERROR_RESPONSE:
+                err = decode_error_response(payload)
+                self._error = f"{err.severity} {err.code}: {err.message}"
+                if self.state is not ServerState.INTERNAL or err.severity in ("FATAL", "PANIC"):
+                    self.abort(self._error)
+                    return
+            elif kind == m.READY_FOR_QUERY:
+                self.tx_status = bytes(payload[:1])
+                self._ready()
+            # NoticeResponse, CommandComplete, RowDescription, DataRow...: consumed.
+
+    def _authenticate(self, payload: memoryview) -> None:
+        try:
+            reply = self._auth.feed(payload)
+        except (ProtocolError, DatabaseUnavailable) as exc:
+            self.abort(str(exc))
+            return
+        if reply and self.transport is not None:
+            self.transport.write(reply)
+
+    def _ready(self) -> None:
+        if self.state is ServerState.LOGIN or self.state is ServerState.INTERNAL:
+            failed, self._error = self._error, None
+            self.state = ServerState.IDLE
+            done, self._on_internal_done = self._on_internal_done, None
+            self._finish_wait(RuntimeError(failed) if failed else None)
+            if done is not None:
+                done()
+
+    def _finish_wait(self, error: BaseException | None) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    def _refresh_sig(self) -> None:
+        self.param_sig = tuple(self.params.get(name) for name in TRACKED_PARAMS)
+
+    async def wait_ready(self) -> None:
+        """Wait for the pending login or internal query to finish."""
+        if self.state is ServerState.IDLE:
+            return
+        if self.state is ServerState.CLOSED:
+            raise ConnectionError(self._error or "server connection is closed")
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    def run_internal(self, sql: str, done: Callable[[], None] | None = None) -> None:
+        """Send ``sql`` (simple protocol) and consume its results; ``done`` at ReadyForQuery."""
+        assert self.transport is not None
+        self.state = ServerState.INTERNAL
+        self._on_internal_done = done
+        self.transport.write(m.query(sql))
+
+    async def query(self, sql: str) -> None:
+        """Run an internal query and wait for it; raises if the server reported an error."""
+        self.run_internal(sql)
+        await self.wait_ready()
+
+    # -- ending ------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return (
+            self.state is ServerState.CLOSED
+            or self.transport is None
+            or self.transport.is_closing()
+        )
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once (a desync or a fatal error)."""
+        if self.state is not ServerState.CLOSED:
+            log.debug("closing server connection %r: %s", self, reason)
+        self._error = self._error or reason
+        self.state = ServerState.CLOSED
+        if self.transport is not None:
+            self.transport.abort()
+        self._finish_wait(ConnectionError(reason))
+
+    def terminate(self) -> None:
+        """Say goodbye politely (Terminate), then close."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(m.terminate())
+            self.transport.close()
+        self.state = ServerState.CLOSED
+
+
+async def open_server(target: ServerTarget, timeout: float) -> ServerConnection:
+    """Connect and log in to PostgreSQL; DatabaseUnavailable on any failure."""
+    loop = asyncio.get_running_loop()
+    conn = ServerConnection(target)
+    try:
+        async with asyncio.timeout(timeout):
+            if target.host is None:
+                path = f"{target.socket_dir}/.s.PGSQL.{target.port}"
+                await loop.create_unix_connection(lambda: conn, path)
+            else:
+                await loop.create_connection(lambda: conn, target.host, target.port)
+            await conn.wait_ready()
+            if target.connect_query:
+                await conn.query(target.connect_query)
+    except (OSError, TimeoutError, ConnectionError, RuntimeError) as exc:
+        conn.abort("login failed")
+        raise DatabaseUnavailable(f"server login to {target.describe()} failed: {exc}") from exc
+    return conn
+
+
+class ServerDriver(Driver):
+    """The pool core's view of server connections for one (database, user) pool."""
+
+    name = "proxy"
+
+    def __init__(
+        self, target: ServerTarget, *, reset_query: str, check_query: str, reset_always: bool
+    ) -> None:
+        super().__init__(None, {})
+        self.target = target
+        self.reset_query = reset_query
+        self.check_query = check_query
+        self.reset_always = reset_always
+        self.welcome: dict[str, str] | None = None  # parameters of the first login
+
+    async def connect(self, timeout: float) -> ServerConnection:
+        conn = await open_server(self.target, timeout)
+        if self.welcome is None:
+            self.welcome = dict(conn.params)
+        return conn
+
+    def verdict(self, conn: ServerConnection) -> Release:
+        if conn.closed or conn.outstanding or conn.tx_status != m.TX_IDLE:
+            return Release.BROKEN  # never hand on a connection mid-protocol
+        if conn.state is not ServerState.IDLE or conn.reader.buffered:
+            return Release.BROKEN
+        return Release.DIRTY if self.reset_always and self.reset_query else Release.CLEAN
+
+    def is_alive(self, conn: ServerConnection) -> bool:
+        return not conn.closed
+
+    async def reset(self, conn: ServerConnection) -> None:
+        if self.reset_query:
+            await conn.query(self.reset_query)
+
+    async def ping(self, conn: ServerConnection) -> None:
+        if self.check_query:
+            await conn.query(self.check_query)
+
+    async def close(self, conn: ServerConnection) -> None:
+        conn.terminate()
+
+    def terminate(self, conn: ServerConnection) -> None:
+        conn.abort("terminated by the pool")
+
+    def mark_dirty(self, conn: ServerConnection) -> None:
+        pass
+
+    def mark_clean(self, conn: ServerConnection) -> None:
+        pass
+
+    def _no_queries(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("proxy server connections are not for application queries")
+
+    def fetch(self, conn: Any, query: str, args: Sequence[Any], timeout: float | None) -> Any:
+        return self._no_queries()
+
+    def fetchrow(self, conn: Any, query: str, args: Sequence[Any], timeout: float | None) -> Any:
+        return self._no_queries()
+
+    def fetchval(
+        self, conn: Any, query: str, args: Sequence[Any], column: int, timeout: float | None
+    ) -> Any:
+        return self._no_queries()
+
+    def execute(self, conn: Any, query: str, args: Sequence[Any], timeout: float | None) -> Any:
+        return self._no_queries()
+
+    def executemany(
+        self, conn: Any, query: str, args: Iterable[Sequence[Any]], timeout: float | None
+    ) -> Any:
+        return self._no_queries()
+
+    def transaction(
+        self, conn: Any, *, isolation: str | None, readonly: bool, deferrable: bool
+    ) -> AbstractAsyncContextManager[Any]:
+        result: AbstractAsyncContextManager[Any] = self._no_queries()
+        return result

@@ -1,0 +1,392 @@
+"""Client connections: the proxy's side of each application connection.
+
+A :class:`ClientConnection` is an asyncio Protocol with an explicit state. After the
+startup packet and authentication it is *idle* (no server), *waiting* (queued for a
+server connection) or *active* (linked to one). While active, complete messages are
+forwarded to the server as one write per read, parsing only their 5-byte headers;
+the server connection goes back to its pool as soon as the pool mode allows and the
+protocol state proves it idle (every Sync/Query answered, transaction status idle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any, cast
+
+from millpond.errors import PoolClosed, PoolTimeout, ProtocolError
+from millpond.pool.state import Slot
+from millpond.proxy.backend import TRACKED_PARAMS, ServerConnection
+from millpond.proxy.protocol import messages as m
+from millpond.proxy.protocol.codec import (
+    CancelRequest,
+    GSSENCRequest,
+    MessageReader,
+    SSLRequest,
+    StartupMessage,
+    StartupReader,
+)
+from millpond.proxy.protocol.parsers import decode_parameter_status
+
+if TYPE_CHECKING:
+    from millpond.proxy.pools import ServerPool
+    from millpond.proxy.server import Proxy
+
+log = logging.getLogger("millpond.proxy")
+
+# Message types that end with a ReadyForQuery from the server.
+_SYNC_POINTS = (b"Q", b"S", b"F")
+# Extended-protocol messages that leave the server mid-protocol until the next Sync.
+_EXTENDED = frozenset(b"PBDECH")
+
+
+class ClientState(enum.Enum):
+    STARTUP = "startup"
+    AUTH = "auth"
+    LOGIN = "login"  # authenticated, learning the server parameters
+    IDLE = "idle"
+    WAITING = "waiting"
+    ACTIVE = "active"
+    CLOSED = "closed"
+
+
+def _unsynced_after(types: bytes, before: bool) -> bool:
+    """Is the server mid extended-protocol after these messages?"""
+    last = max(types.rfind(b"S"), types.rfind(b"Q"), types.rfind(b"F"))
+    tail = types[last + 1 :] if last >= 0 else types
+    return any(t in _EXTENDED for t in tail) or (before and last < 0)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One application connection to the proxy."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.state = ClientState.STARTUP
+        self.startup = StartupReader()
+        self.reader = MessageReader()
+        self.user = ""
+        self.database = ""
+        self.params: dict[str, str] = {}
+        self.param_sig: tuple[str | None, ...] = ()
+        self.pool: ServerPool | None = None
+        self.server: ServerConnection | None = None
+        self.slot: Slot | None = None
+        self.unsynced = False
+        self.pid = secrets.randbits(31)
+        self.key = secrets.token_bytes(4)
+        self.addr: tuple[Any, ...] | str = ""
+        self.tls = False
+        self.auth: Any = None
+        self.admin: Any = None
+        self._wait: Any = None
+        self._login_timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {self.user}@{self.database} {self.state.value} {self.addr}>"
+
+    # -- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.addr = transport.get_extra_info("peername") or "unix"
+        self.proxy.client_opened(self)
+        timeout = self.proxy.config.settings.client_login_timeout
+        if timeout:
+            loop = asyncio.get_running_loop()
+            self._login_timer = loop.call_later(timeout, self._login_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.state is ClientState.ACTIVE:
+                self.reader.feed(data)
+                self._forward()
+            elif self.state is ClientState.STARTUP:
+                self._startup_data(data)
+            elif self.state is ClientState.AUTH:
+                self.reader.feed(data)
+                self._auth_data()
+            elif self.admin is not None:
+                self.reader.feed(data)
+                self.admin.data_ready(self)
+            else:
+                self.reader.feed(data)
+                if self.state is ClientState.IDLE:
+                    self._need_server()
+        except ProtocolError as exc:
+            self.fail("08P01", f"protocol violation: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed()
+
+    # -- startup and login --------------------------------------------------------
+
+    def _startup_data(self, data: bytes) -> None:
+        self.startup.feed(data)
+        packet = self.startup.next_packet()
+        if packet is None:
+            return
+        if isinstance(packet, SSLRequest | GSSENCRequest):
+            self.proxy.negotiate_tls(self, isinstance(packet, SSLRequest))
+            return
+        if isinstance(packet, CancelRequest):
+            self.proxy.cancel(packet)
+            self.close()
+            return
+        assert isinstance(packet, StartupMessage)
+        rest = self.startup.take_rest()
+        if rest:
+            self.reader.feed(rest)
+        self.proxy.login(self, packet)
+
+    def start_auth(self, authenticator: Any) -> None:
+        """Begin authentication with a sans-I/O authenticator."""
+        self.state = ClientState.AUTH
+        self.auth = authenticator
+        self._apply_auth_step(authenticator.start())
+
+    def _auth_data(self) -> None:
+        while self.state is ClientState.AUTH:
+            msg = self.reader.next_message()
+            if msg is None:
+                return
+            self._apply_auth_step(self.auth.feed(msg.type, msg.payload))
+
+    def _apply_auth_step(self, step: Any) -> None:
+        if step.send and self.transport is not None:
+            self.transport.write(step.send)
+        if step.failed:
+            log.warning(
+                "login failed for %s@%s from %s: %s",
+                self.user,
+                self.database,
+                self.addr,
+                step.reason,
+            )
+            self.proxy.stats_login_failed(self)
+            self.close()
+        elif step.ok:
+            self.auth = None
+            self.proxy.authenticated(self)
+
+    def welcome(self, server_params: dict[str, str]) -> None:
+        """Finish the login: parameters, our own cancel key, ReadyForQuery."""
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        params = dict(server_params)
+        for name, value in self.params.items():
+            params[name] = value
+        for name in TRACKED_PARAMS:
+            if name in params:
+                self.params.setdefault(name, params[name])
+        self.param_sig = tuple(self.params.get(name) for name in TRACKED_PARAMS)
+        out = [m.parameter_status(k, v) for k, v in params.items()]
+        out.append(m.backend_key_data(self.pid, self.key))
+        out.append(m.ready_for_query(m.TX_IDLE))
+        assert self.transport is not None
+        self.transport.write(b"".join(out))
+        self.state = ClientState.IDLE
+        if self.reader.buffered:
+            self._need_server()
+
+    def _login_timeout(self) -> None:
+        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.LOGIN):
+            self.fail("08P01", "client_login_timeout")
+
+    # -- getting and giving back a server -----------------------------------------
+
+    def _need_server(self) -> None:
+        """Link to a server connection when a complete message is waiting."""
+        pool = self.pool
+        assert pool is not None
+        scan = self.reader.scan(stop=b"X")
+        if not scan.length:
+            return
+        if scan.types[:1] == b"X":
+            self.close()  # Terminate while no server is linked: nothing to forward
+            return
+        if pool.paused:
+            self.state = ClientState.WAITING
+            self.proxy.park(self)
+            return
+        try:
+            slot = pool.take()
+        except PoolClosed:
+            self.fail("08P01", "pooler is shutting down")
+            return
+        if slot is not None:
+            self._link(slot)
+            return
+        self.state = ClientState.WAITING
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._wait = pool.wait(self._on_lease)
+
+    def resume_from_pause(self) -> None:
+        if self.state is ClientState.WAITING and self._wait is None:
+            self.state = ClientState.IDLE
+            self._need_server()
+
+    def _on_lease(self, future: asyncio.Future[Slot]) -> None:
+        self._wait = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            reason = "query_wait_timeout" if isinstance(exc, PoolTimeout) else str(exc)
+            self.fail("08P01", reason)
+            return
+        slot = future.result()
+        if self.state is not ClientState.WAITING:
+            assert self.pool is not None
+            self.pool.give(slot)  # we left while it was on its way
+            return
+        self._link(slot)
+
+    def _link(self, slot: Slot) -> None:
+        server: ServerConnection = slot.conn
+        self.slot, self.server = slot, server
+        server.client = self
+        self.state = ClientState.ACTIVE
+        if server.param_sig != self.param_sig:
+            sets = self._param_sets(server)
+            if sets:
+                self.state = ClientState.LOGIN  # hold client data until the SETs finish
+                server.run_internal(sets, self._after_sets)
+                return
+        self._forward()
+
+    def _param_sets(self, server: ServerConnection) -> str:
+        parts = []
+        for name, value in self.params.items():
+            if name in TRACKED_PARAMS and server.params.get(name) != value:
+                quoted = value.replace("'", "''")
+                parts.append(f"SET {name} = '{quoted}'")
+        return ";".join(parts)
+
+    def _after_sets(self) -> None:
+        if self.server is None or self.state is ClientState.CLOSED:
+            return
+        self.state = ClientState.ACTIVE
+        self._forward()
+
+    def _forward(self) -> None:
+        server = self.server
+        assert server is not None
+        assert server.transport is not None
+        scan = self.reader.scan(stop=b"X")
+        if not scan.length:
+            return
+        types = scan.types
+        data = self.reader.take(scan.length)
+        if types[-1:] == b"X":
+            self._terminate(data, types, scan.last_offset)
+            return
+        server.outstanding += types.count(b"Q") + types.count(b"S") + types.count(b"F")
+        self.unsynced = _unsynced_after(types, self.unsynced)
+        assert self.pool is not None
+        self.pool.counters.bytes_received += len(data)
+        server.transport.write(data)
+
+    def _terminate(self, data: Any, types: bytes, offset: int) -> None:
+        """Terminate: forward what came before it, then close (the server stays pooled)."""
+        server = self.server
+        if offset and server is not None and server.transport is not None:
+            server.outstanding += sum(types[:-1].count(t) for t in _SYNC_POINTS)
+            self.unsynced = _unsynced_after(types[:-1], self.unsynced)
+            server.transport.write(data[:offset])
+        self.close()
+
+    def from_server(
+        self, server: ServerConnection, data: Any, types: bytes, ready: bytes | None
+    ) -> None:
+        """Bytes from our linked server: forward them; release the server when idle."""
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+        pool = self.pool
+        assert pool is not None
+        pool.counters.bytes_sent += len(data)
+        if b"S" in types:
+            self._server_params(server, data)
+        if ready is None:
+            return
+        done = types.count(b"Z")
+        server.outstanding -= done
+        server.tx_status = ready
+        pool.counters.query_count += done
+        if server.outstanding < 0:
+            server.abort("ReadyForQuery without a request: protocol desync")
+            return
+        if server.outstanding or self.unsynced:
+            return
+        if ready == m.TX_IDLE:
+            if pool.mode != "session":
+                pool.counters.xact_count += 1
+                self._unlink()
+                if self.reader.buffered:
+                    self._need_server()
+        elif pool.mode == "statement":
+            self.fail("08P01", "transaction blocks not allowed in statement pooling mode")
+
+    def _server_params(self, server: ServerConnection, data: Any) -> None:
+        reader = MessageReader()
+        reader.feed(bytes(data))
+        for msg in reader:
+            if msg.type == m.PARAMETER_STATUS:
+                status = decode_parameter_status(msg.payload)
+                server.params[status.name] = status.value
+                if status.name in TRACKED_PARAMS:
+                    self.params[status.name] = status.value
+        server.param_sig = tuple(server.params.get(n) for n in TRACKED_PARAMS)
+        self.param_sig = tuple(self.params.get(n) for n in TRACKED_PARAMS)
+
+    def _unlink(self) -> None:
+        server, slot, pool = self.server, self.slot, self.pool
+        self.server = self.slot = None
+        if self.state is not ClientState.CLOSED:
+            self.state = ClientState.IDLE
+        if server is not None:
+            server.client = None
+        if slot is not None and pool is not None:
+            if server is not None and server.cancels:
+                self.proxy.release_after_cancel(pool, slot)
+            else:
+                pool.give(slot)
+
+    def server_lost(self, server: ServerConnection) -> None:
+        if server is self.server:
+            self._unlink()
+            self.fail("08P01", "server conn crashed?")
+
+    # -- errors and the end -------------------------------------------------------
+
+    def fail(self, code: str, message: str) -> None:
+        """Send an error to the client and close its connection (PgBouncer-style)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(m.error_response("FATAL", code, message))
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self._closed()
+
+    def _closed(self) -> None:
+        if self.state is ClientState.CLOSED:
+            return
+        self.state = ClientState.CLOSED
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+        if self._wait is not None and self.pool is not None:
+            self.pool.cancel_wait(self._wait)
+            self._wait = None
+        if self.server is not None:
+            self._unlink()
+        self.proxy.client_closed(self)

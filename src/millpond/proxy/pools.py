@@ -1,0 +1,151 @@
+"""Server-connection pools, one per (database, user), built on the library pool core.
+
+The proxy cannot await on its hot path (it runs inside Protocol callbacks), so
+:class:`ServerPool` adds callback-style leasing to :class:`millpond.Pool`: take an
+idle server connection synchronously, or queue a callback that the pool core's
+direct hand-off resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from time import monotonic
+from typing import Any
+
+from millpond.errors import PoolClosed
+from millpond.pool.core import Waiter
+from millpond.pool.pool import Pool
+from millpond.pool.state import Slot
+from millpond.proxy.backend import ServerDriver, ServerTarget
+from millpond.proxy.config import DatabaseEntry, ProxyConfig, UserEntry
+
+_FOREVER = 10 * 365 * 86400.0  # PgBouncer's "0 disables the timeout"
+
+LeaseCallback = Callable[["asyncio.Future[Slot]"], None]
+
+
+@dataclass(slots=True)
+class PoolCounters:
+    """Totals for SHOW STATS, counted on the forwarding path."""
+
+    xact_count: int = 0
+    query_count: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    xact_time: float = 0.0
+    query_time: float = 0.0
+    wait_time: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class ServerPool(Pool):
+    """The server connections for one (database, user) pair."""
+
+    def __init__(
+        self, *, database: str, user: str, mode: str, driver: ServerDriver, **settings: Any
+    ) -> None:
+        super().__init__(driver=driver, name=f"{database}/{user}", **settings)
+        self.database = database
+        self.user = user
+        self.mode = mode
+        self.server_driver = driver
+        self.counters = PoolCounters()
+        self.paused = False
+
+    def start(self) -> None:
+        """Open without waiting (prewarming to min_pool_size happens in the background)."""
+        if not self._opened:
+            self._opened = True
+            self._loop = asyncio.get_running_loop()
+            self._janitor.start()
+            self._housekeep()
+
+    def take(self) -> Slot | None:
+        """An idle server connection now, or None."""
+        return self._take_nowait()
+
+    def wait(self, callback: LeaseCallback) -> tuple[Waiter, asyncio.Future[Slot]]:
+        """Queue for a server connection; ``callback(future)`` runs when it resolves."""
+        if self._closing:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Slot] = loop.create_future()
+        waiter = self._core.wait(future, monotonic())
+        if self._core.todo:
+            self._flush()
+        limit = self.config.acquire_timeout
+        timer = loop.call_later(limit, self._expire_waiter, future, limit)
+        future.add_done_callback(lambda f: timer.cancel())
+        future.add_done_callback(callback)
+        return waiter, future
+
+    def cancel_wait(self, handle: tuple[Waiter, asyncio.Future[Slot]]) -> None:
+        waiter, future = handle
+        self._core.forget_waiter(waiter)
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self.give(future.result())
+        elif not future.done():
+            future.cancel()
+
+    def give(self, slot: Slot) -> None:
+        """Return a server connection (synchronously; resets run in the background)."""
+        self._give_back(slot)
+
+
+def pool_settings(config: ProxyConfig, db: DatabaseEntry, user: UserEntry | None) -> dict[str, Any]:
+    """Map PgBouncer's settings for one pool onto the pool core's settings."""
+    s = config.settings
+    size = (db.pool_size if db.pool_size is not None else None) or (
+        user.pool_size if user is not None and user.pool_size is not None else s.default_pool_size
+    )
+    size = max(1, size)
+    min_size = db.min_pool_size if db.min_pool_size is not None else s.min_pool_size
+    lifetime = db.server_lifetime if db.server_lifetime is not None else s.server_lifetime
+    wait = db.query_wait_timeout if db.query_wait_timeout is not None else s.query_wait_timeout
+    return {
+        "min_size": min(min_size, size),
+        "max_size": size,
+        "acquire_timeout": wait or _FOREVER,
+        "max_idle": s.server_idle_timeout or None,
+        "max_lifetime": lifetime or None,
+        "connect_timeout": s.server_connect_timeout or _FOREVER,
+        "validate_idle_after": s.server_check_delay or 1e-9,
+        "health_check_interval": None,
+        "max_concurrent_connects": min(size, 4),
+        "reconnect_delay": min(0.1, s.server_login_retry or 0.1),
+        "reconnect_delay_max": max(0.1, s.server_login_retry),
+        "reset_timeout": s.server_connect_timeout or 15.0,
+    }
+
+
+def pool_mode(config: ProxyConfig, db: DatabaseEntry, user: UserEntry | None) -> str:
+    if user is not None and user.pool_mode is not None:
+        return user.pool_mode
+    return db.pool_mode or config.settings.pool_mode
+
+
+def server_target(
+    config: ProxyConfig, db: DatabaseEntry, client_user: str, password: str | None
+) -> ServerTarget:
+    startup = tuple(
+        (name, value)
+        for name, value in (
+            ("client_encoding", db.client_encoding),
+            ("DateStyle", db.datestyle),
+            ("TimeZone", db.timezone),
+            ("application_name", db.application_name),
+        )
+        if value
+    )
+    return ServerTarget(
+        host=db.hosts[0] if db.hosts else None,
+        port=db.port,
+        database=db.dbname or db.name,
+        user=db.user or client_user,
+        password=db.password if db.user else (db.password or password),
+        socket_dir=config.settings.unix_socket_dir or "/tmp",
+        startup=startup,
+        connect_query=db.connect_query,
+    )

@@ -1,0 +1,319 @@
+"""The proxy process: listeners, the pool registry, logins, cancels and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from millpond.errors import DatabaseUnavailable
+from millpond.pool.janitor import Janitor
+from millpond.pool.state import Slot
+from millpond.proxy import login
+from millpond.proxy.backend import TRACKED_PARAMS, ServerDriver
+from millpond.proxy.config import ProxyConfig
+from millpond.proxy.frontend import ClientConnection, ClientState
+from millpond.proxy.pools import ServerPool, pool_mode, pool_settings, server_target
+from millpond.proxy.protocol import messages as m
+from millpond.proxy.protocol.codec import CancelRequest, StartupMessage
+from millpond.proxy.tls import client_context, negotiate_client_tls, tls_required
+
+log = logging.getLogger("millpond.proxy")
+
+ADMIN_DB = "pgbouncer"
+
+
+@dataclass(slots=True)
+class LoginStats:
+    logins: int = 0
+    login_failures: int = 0
+
+
+class Proxy:
+    """One running ``millpond proxy``."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.pools: dict[tuple[str, str], ServerPool] = {}
+        self.clients: set[ClientConnection] = set()
+        self.by_key: dict[tuple[int, bytes], ClientConnection] = {}
+        self.parked: list[ClientConnection] = []
+        self.janitor = Janitor("proxy", lambda: None, 3600.0)
+        self.login_stats = LoginStats()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.addresses: list[str] = []
+        self.paused = False
+        self._pending_release: dict[int, tuple[ServerPool, Slot]] = {}
+        self._stopped = asyncio.Event()
+        self.client_tls = client_context(config.settings)
+
+    # -- listening ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.config.settings
+        hosts = [h for h in s.listen_addr if h]
+        for host in hosts:
+            bind = None if host == "*" else host
+            server = await loop.create_server(
+                lambda: ClientConnection(self),
+                bind,
+                s.listen_port,
+                backlog=s.listen_backlog,
+                reuse_address=True,
+                reuse_port=s.so_reuseport or None,
+            )
+            self.servers.append(server)
+            for sock in getattr(server, "sockets", ()):
+                self.addresses.append("{}:{}".format(*sock.getsockname()[:2]))
+        if s.unix_socket_dir:
+            path = _stale_socket_removed(s.unix_socket_dir, s.listen_port)
+            server = await loop.create_unix_server(
+                lambda: ClientConnection(self), path, backlog=s.listen_backlog
+            )
+            os.chmod(path, s.unix_socket_mode)
+            self.servers.append(server)
+            self.addresses.append(path)
+        _write_pidfile(s.pidfile)
+
+    @property
+    def port(self) -> int:
+        """The TCP port actually bound (useful with listen_port = 0)."""
+        for server in self.servers:
+            for sock in getattr(server, "sockets", ()):
+                name = sock.getsockname()
+                if isinstance(name, tuple):
+                    return int(name[1])
+        return self.config.settings.listen_port
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, self._signal_shutdown)
+        loop.add_signal_handler(signal.SIGTERM, self._signal_shutdown)
+
+    def _signal_shutdown(self) -> None:
+        self.janitor.spawn(self.shutdown(), "shutdown")
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+    async def shutdown(self, *, timeout: float = 30.0) -> None:
+        """Stop listening, let transactions in flight finish, then close everything."""
+        for server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(c.state is ClientState.ACTIVE for c in self.clients) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for client in list(self.clients):
+            client.fail("08P01", "pooler is shutting down")
+        await asyncio.gather(*(pool.close(timeout=2) for pool in self.pools.values()))
+        _remove_pidfile(self.config.settings.pidfile)
+        self._stopped.set()
+        await self.janitor.stop()
+
+    # -- clients ----------------------------------------------------------------------
+
+    def client_opened(self, client: ClientConnection) -> None:
+        self.clients.add(client)
+
+    def client_closed(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        self.by_key.pop((client.pid, client.key), None)
+        if client in self.parked:
+            self.parked.remove(client)
+        if self.config.settings.log_disconnections and client.user:
+            log.info("closing: %s@%s from %s", client.user, client.database, client.addr)
+
+    def login(self, client: ClientConnection, packet: StartupMessage) -> None:
+        s = self.config.settings
+        client.user, client.database = packet.user, packet.database
+        if not client.tls and tls_required(s):
+            client.fail("08P01", "SSL required")
+            return
+        if s.max_client_conn and len(self.clients) > s.max_client_conn:
+            client.fail("08P01", "no more connections allowed (max_client_conn)")
+            return
+        tracked = set(TRACKED_PARAMS) | set(s.track_extra_parameters)
+        for name, value in packet.params.items():
+            if name in ("user", "database") or name in s.ignore_startup_parameters:
+                continue
+            if name not in tracked:
+                client.fail("08P01", f"unsupported startup parameter: {name}")
+                return
+            client.params[name] = value
+        if client.database != ADMIN_DB and self.config.database(client.database) is None:
+            client.fail("3D000", f"no such database: {client.database}")
+            return
+        client.start_auth(login.for_client(self.config, client))
+
+    def authenticated(self, client: ClientConnection) -> None:
+        self.login_stats.logins += 1
+        self.by_key[(client.pid, client.key)] = client
+        if self.config.settings.log_connections:
+            log.info("login: %s@%s from %s", client.user, client.database, client.addr)
+        if client.database == ADMIN_DB:
+            from millpond.proxy.admin import AdminSession
+
+            client.admin = AdminSession(self, client)
+            client.state = ClientState.LOGIN
+            client.welcome(dict(_ADMIN_PARAMS))
+            return
+        try:
+            pool = self.pool_for(client.database, client.user)
+        except DatabaseUnavailable as exc:
+            client.fail("08P01", str(exc))
+            return
+        client.pool = pool
+        client.state = ClientState.LOGIN
+        welcome = pool.server_driver.welcome
+        if welcome is not None:
+            client.welcome(welcome)
+            return
+        slot = pool.take()
+        if slot is not None:
+            self._welcome_with(client, pool, slot)
+        else:
+            client._wait = pool.wait(lambda f: self._welcome_lease(client, pool, f))
+
+    def _welcome_lease(self, client: ClientConnection, pool: ServerPool, future: Any) -> None:
+        client._wait = None
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            client.fail("08P01", f"could not connect to server: {future.exception()}")
+            return
+        self._welcome_with(client, pool, future.result())
+
+    def _welcome_with(self, client: ClientConnection, pool: ServerPool, slot: Slot) -> None:
+        params = dict(slot.conn.params)
+        pool.give(slot)
+        if client.state is ClientState.LOGIN:
+            client.welcome(params)
+
+    def stats_login_failed(self, client: ClientConnection) -> None:
+        self.login_stats.login_failures += 1
+
+    def park(self, client: ClientConnection) -> None:
+        if client not in self.parked:
+            self.parked.append(client)
+
+    def negotiate_tls(self, client: ClientConnection, ssl: bool) -> None:
+        negotiate_client_tls(self, client, ssl)
+
+    # -- pools ------------------------------------------------------------------------
+
+    def pool_for(self, database: str, user: str) -> ServerPool:
+        key = (database, user)
+        pool = self.pools.get(key)
+        if pool is not None:
+            return pool
+        config = self.config
+        db = config.database(database)
+        if db is None:
+            raise DatabaseUnavailable(f"no such database: {database}")
+        user_entry = config.users.get(user)
+        secret = None
+        if config.auth is not None:
+            entry = config.auth.get(db.user or user)
+            secret = entry.secret if entry is not None else None
+        mode = pool_mode(config, db, user_entry)
+        s = config.settings
+        driver = ServerDriver(
+            server_target(config, db, user, secret),
+            reset_query=s.server_reset_query,
+            check_query=s.server_check_query,
+            reset_always=mode == "session" or s.server_reset_query_always,
+        )
+        pool = ServerPool(
+            database=database,
+            user=user,
+            mode=mode,
+            driver=driver,
+            **pool_settings(config, db, user_entry),
+        )
+        pool.start()
+        self.pools[key] = pool
+        return pool
+
+    # -- cancel requests ------------------------------------------------------------
+
+    def cancel(self, request: CancelRequest) -> None:
+        client = self.by_key.get((request.pid, request.secret))
+        if client is None or client.server is None:
+            return  # nothing running for that key: like PostgreSQL, say nothing
+        server = client.server
+        server.cancels += 1
+        self.janitor.spawn(self._send_cancel(server), f"cancel-{server.backend_pid}")
+
+    async def _send_cancel(self, server: Any) -> None:
+        target = server.target
+        try:
+            async with asyncio.timeout(self.config.settings.cancel_wait_timeout or 10):
+                if target.host is None:
+                    path = f"{target.socket_dir}/.s.PGSQL.{target.port}"
+                    reader, writer = await asyncio.open_unix_connection(path)
+                else:
+                    reader, writer = await asyncio.open_connection(target.host, target.port)
+                writer.write(m.cancel_request(server.backend_pid, server.backend_key))
+                await reader.read()  # the server closes once it has taken the request
+                writer.close()
+        except (OSError, TimeoutError) as exc:
+            log.warning("cancel request to %s failed: %s", target.describe(), exc)
+        finally:
+            server.cancels -= 1
+            pending = self._pending_release.pop(id(server), None)
+            if pending is not None and not server.cancels:
+                pending[0].give(pending[1])
+
+    def release_after_cancel(self, pool: ServerPool, slot: Slot) -> None:
+        """Hold a server back until its cancel requests are done, so they hit no one else."""
+        self._pending_release[id(slot.conn)] = (pool, slot)
+
+    # -- admin actions ----------------------------------------------------------------
+
+    def pause(self) -> None:
+        self.paused = True
+        for pool in self.pools.values():
+            pool.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        for pool in self.pools.values():
+            pool.paused = False
+        parked, self.parked = self.parked, []
+        for client in parked:
+            client.resume_from_pause()
+
+
+def _stale_socket_removed(directory: str, port: int) -> str:
+    path = os.path.join(directory, f".s.PGSQL.{port}")
+    if os.path.exists(path):
+        os.unlink(path)
+    return path
+
+
+def _write_pidfile(path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def _remove_pidfile(path: str | None) -> None:
+    if path and os.path.exists(path):
+        os.unlink(path)
+
+
+_ADMIN_PARAMS = (
+    ("server_version", "16.0 (millpond)"),
+    ("server_encoding", "UTF8"),
+    ("client_encoding", "UTF8"),
+    ("DateStyle", "ISO, MDY"),
+    ("TimeZone", "UTC"),
+    ("standard_conforming_strings", "on"),
+    ("integer_datetimes", "on"),
+    ("application_name", ""),
+)
