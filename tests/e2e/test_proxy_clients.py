@@ -244,18 +244,60 @@ def test_garbage_clients_do_not_disturb_others(
     assert psql(pg_cluster, tx_proxy.url(), "SELECT 'fine'") == "fine"
 
 
-def test_sigterm_lets_the_running_transaction_finish(
+def test_sigint_lets_the_running_transaction_finish(
     pg_cluster: PostgresCluster, proxy_factory: ProxyFactory
 ) -> None:
+    """SIGINT, PgBouncer's safe shutdown: transactions in flight finish, then exit."""
     proxy = proxy_factory()
 
     async def main() -> None:
         conn = await asyncpg.connect(proxy.url(), statement_cache_size=0)
         query = asyncio.create_task(conn.fetchval("SELECT pg_sleep(0.5), 'finished'", column=1))
         await asyncio.sleep(0.1)
-        proxy.signal(signal.SIGTERM)
+        proxy.signal(signal.SIGINT)
         assert await query == "finished"
         await asyncio.sleep(1)
         assert proxy.process.poll() is not None
 
     run(main())
+
+
+def test_sigterm_waits_for_clients_to_leave(
+    pg_cluster: PostgresCluster, proxy_factory: ProxyFactory
+) -> None:
+    """SIGTERM, PgBouncer's super-safe shutdown: no new clients; existing ones stay served."""
+    proxy = proxy_factory()
+
+    async def main() -> None:
+        conn = await asyncpg.connect(proxy.url(), statement_cache_size=0)
+        proxy.signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncpg.connect(proxy.url(), timeout=2)
+        assert await conn.fetchval("SELECT 'still served'") == "still served"
+        assert proxy.process.poll() is None
+        await conn.close()
+        await asyncio.sleep(1)
+        assert proxy.process.poll() is not None
+
+    run(main())
+
+
+def test_sighup_reloads_the_config(
+    pg_cluster: PostgresCluster, proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory(pool_mode="session")
+    text = proxy.ini.read_text().replace("pool_mode = session", "pool_mode = statement")
+    proxy.ini.write_text(text)
+    proxy.signal(signal.SIGHUP)
+    import time
+
+    time.sleep(0.5)
+    result = run_tool([pg_tool(pg_cluster, "psql"), proxy.url(), "-X", "-c", "BEGIN"], check=False)
+    assert "transaction blocks not allowed" in result.stderr
+    # A broken file is refused and the running configuration stays.
+    proxy.ini.write_text(text.replace("pool_mode = statement", "pool_mode = sometimes"))
+    proxy.signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert "reload failed" in proxy.log_text()
+    assert psql(pg_cluster, proxy.url(), "SELECT 'alive'") == "alive"

@@ -209,6 +209,9 @@ class ClientConnection(asyncio.Protocol):
         if scan.types[:1] == b"X":
             self.close()  # Terminate while no server is linked: nothing to forward
             return
+        if self.proxy.shutting_down in ("safe", "immediate"):
+            self.fail("08P01", "pooler is shutting down")
+            return
         if pool.paused:
             self.state = ClientState.WAITING
             self.proxy.park(self)

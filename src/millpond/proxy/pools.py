@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any
 
+from millpond.config import PoolConfig
 from millpond.errors import PoolClosed
 from millpond.pool.core import Waiter
 from millpond.pool.pool import Pool
-from millpond.pool.state import Slot
+from millpond.pool.state import CloseReason, Slot
 from millpond.proxy.backend import ServerDriver, ServerTarget
 from millpond.proxy.config import DatabaseEntry, ProxyConfig, UserEntry
 
@@ -88,6 +89,22 @@ class ServerPool(Pool):
             self.give(future.result())
         elif not future.done():
             future.cancel()
+
+    def reconnect(self) -> None:
+        """Close idle server connections now, and lent ones when they come back."""
+        core = self._core
+        for slot in core.slots.values():
+            slot.retire = CloseReason.LIFETIME
+        while core.idle:
+            core._retire(core.idle.pop(), CloseReason.LIFETIME)
+        self._flush()
+
+    def reconfigure(self, mode: str, settings: dict[str, Any]) -> None:
+        """New sizes and timeouts after a reload; connections adapt as they cycle."""
+        self.mode = mode
+        config = PoolConfig(**settings)
+        self.config = config
+        self._core.config = config
 
     def give(self, slot: Slot) -> None:
         """Return a server connection (synchronously; resets run in the background)."""

@@ -9,12 +9,12 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from millpond.errors import DatabaseUnavailable
+from millpond.errors import ConfigError, DatabaseUnavailable
 from millpond.pool.janitor import Janitor
 from millpond.pool.state import Slot
 from millpond.proxy import login
 from millpond.proxy.backend import TRACKED_PARAMS, ServerDriver
-from millpond.proxy.config import ProxyConfig
+from millpond.proxy.config import DatabaseEntry, ProxyConfig, load_config
 from millpond.proxy.frontend import ClientConnection, ClientState
 from millpond.proxy.pools import ServerPool, pool_mode, pool_settings, server_target
 from millpond.proxy.protocol import messages as m
@@ -48,6 +48,9 @@ class Proxy:
         self.paused = False
         self._pending_release: dict[int, tuple[ServerPool, Slot]] = {}
         self._stopped = asyncio.Event()
+        self._shutdown_now = asyncio.Event()
+        self._shutdown_task: asyncio.Task[Any] | None = None
+        self.shutting_down: str | None = None
         self.client_tls = client_context(config.settings)
 
     # -- listening ------------------------------------------------------------------
@@ -90,23 +93,46 @@ class Proxy:
         return self.config.settings.listen_port
 
     def install_signal_handlers(self) -> None:
+        """PgBouncer's signals: HUP reload, INT safe shutdown, TERM super-safe, QUIT now."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGINT, self._signal_shutdown)
-        loop.add_signal_handler(signal.SIGTERM, self._signal_shutdown)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGINT, self._start_shutdown, "safe")
+        loop.add_signal_handler(signal.SIGTERM, self._start_shutdown, "super-safe")
+        loop.add_signal_handler(signal.SIGQUIT, self._start_shutdown, "immediate")
 
-    def _signal_shutdown(self) -> None:
-        self.janitor.spawn(self.shutdown(), "shutdown")
+    def _start_shutdown(self, mode: str) -> None:
+        if self.shutting_down is not None:
+            mode = "immediate"  # a second signal means: now
+        log.warning("%s shutdown requested", mode)
+        self.shutting_down = mode
+        if mode == "immediate":
+            self._shutdown_now.set()
+        if self._shutdown_task is None:
+            self._shutdown_task = self.janitor.spawn(self.shutdown(mode), "shutdown")
 
     async def wait_closed(self) -> None:
         await self._stopped.wait()
 
-    async def shutdown(self, *, timeout: float = 30.0) -> None:
-        """Stop listening, let transactions in flight finish, then close everything."""
+    def _busy(self, mode: str) -> bool:
+        if mode == "super-safe":
+            return any(c.admin is None for c in self.clients)
+        return any(c.state is ClientState.ACTIVE for c in self.clients)
+
+    async def shutdown(self, mode: str = "safe", *, timeout: float | None = None) -> None:
+        """Stop listening, wait as the mode says, then close everything.
+
+        "safe" (SIGINT, SHUTDOWN): wait until every server connection is released;
+        "super-safe" (SIGTERM): wait until every client has disconnected;
+        "immediate" (SIGQUIT, or a second signal): close at once.
+        """
+        self.shutting_down = mode
         for server in self.servers:
             server.close()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while any(c.state is ClientState.ACTIVE for c in self.clients) and loop.time() < deadline:
+        deadline = float("inf") if timeout is None else loop.time() + timeout
+        while self._busy(mode) and loop.time() < deadline:  # a brief poll, only while stopping
+            if mode == "immediate" or self._shutdown_now.is_set():
+                break
             await asyncio.sleep(0.05)
         for client in list(self.clients):
             client.fail("08P01", "pooler is shutting down")
@@ -216,10 +242,7 @@ class Proxy:
         if db is None:
             raise DatabaseUnavailable(f"no such database: {database}")
         user_entry = config.users.get(user)
-        secret = None
-        if config.auth is not None:
-            entry = config.auth.get(db.user or user)
-            secret = entry.secret if entry is not None else None
+        secret = self._server_secret(db, user)
         mode = pool_mode(config, db, user_entry)
         s = config.settings
         driver = ServerDriver(
@@ -238,6 +261,12 @@ class Proxy:
         pool.start()
         self.pools[key] = pool
         return pool
+
+    def _server_secret(self, db: DatabaseEntry, user: str) -> str | None:
+        """The auth file's secret for the server login (used when the entry has none)."""
+        auth = self.config.auth
+        entry = auth.get(db.user or user) if auth is not None else None
+        return entry.secret if entry is not None else None
 
     # -- cancel requests ------------------------------------------------------------
 
@@ -273,7 +302,44 @@ class Proxy:
         """Hold a server back until its cancel requests are done, so they hit no one else."""
         self._pending_release[id(slot.conn)] = (pool, slot)
 
-    # -- admin actions ----------------------------------------------------------------
+    # -- reload and admin actions -----------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the config file (SIGHUP, RELOAD); a bad file keeps the old settings."""
+        source = self.config.source
+        if source is None:
+            log.warning("reload: running without a config file; nothing to reload")
+            return
+        try:
+            new = load_config(source)
+            tls = client_context(new.settings)
+        except (ConfigError, OSError) as exc:
+            log.error("reload failed, keeping the old configuration: %s", exc)
+            return
+        self.apply_config(new, tls)
+        log.info("configuration reloaded from %s", source)
+
+    def apply_config(self, new: ProxyConfig, tls: Any = None) -> None:
+        self.config = new
+        self.client_tls = tls
+        for (database, user), pool in list(self.pools.items()):
+            db = new.database(database)
+            if db is None:
+                pool.reconnect()
+                continue
+            secret = self._server_secret(db, user)
+            target = server_target(new, db, user, secret)
+            if target != pool.server_driver.target:
+                pool.server_driver.target = target
+                pool.reconnect()
+            pool.reconfigure(
+                pool_mode(new, db, new.users.get(user)), pool_settings(new, db, new.users.get(user))
+            )
+
+    def reconnect(self, database: str | None = None) -> None:
+        for (db, _user), pool in self.pools.items():
+            if database is None or db == database:
+                pool.reconnect()
 
     def pause(self) -> None:
         self.paused = True
