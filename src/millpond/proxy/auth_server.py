@@ -140,18 +140,20 @@ class ServerAuthenticator:
 
     # -- state changes ------------------------------------------------------------------
 
+    def _out_of_order(self, what: str) -> ProtocolError:
+        return ProtocolError(
+            f"server sent {what} during login in state {self.state.value}, out of order"
+        )
+
     def _set_state(self, state: ServerAuthState, what: str) -> None:
         if state not in _MOVES[self.state]:
-            raise ProtocolError(
-                f"server sent {what} during login in state {self.state.value}, out of order"
-            )
+            raise self._out_of_order(what)
         self.state = state
 
     def _require_state(self, state: ServerAuthState, what: str) -> None:
+        """Check the state before work whose failure must not advance it."""
         if self.state is not state:
-            raise ProtocolError(
-                f"server sent {what} during login in state {self.state.value}, out of order"
-            )
+            raise self._out_of_order(what)
 
     def _ok(self) -> AuthDone:
         if self.state not in _OK_STATES:

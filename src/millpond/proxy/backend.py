@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 from millpond.drivers.base import Driver
 from millpond.errors import DatabaseUnavailable, ProtocolError
 from millpond.pool.core import Release
-from millpond.proxy.login import ServerLogin
+from millpond.proxy.auth_server import ServerAuthenticator
 from millpond.proxy.protocol import messages as m
 from millpond.proxy.protocol.codec import MessageReader
 from millpond.proxy.protocol.parsers import (
@@ -89,7 +89,7 @@ class ServerConnection(asyncio.Protocol):
         self.tx_status = m.TX_IDLE
         self.cancels = 0  # cancel requests in flight for this connection
         self.param_sig: tuple[str | None, ...] = ()
-        self._auth = ServerLogin(target.user, target.password)
+        self._auth = ServerAuthenticator(target.user, target.password)
         self._waiter: asyncio.Future[None] | None = None
         self._error: str | None = None
         self._on_internal_done: Callable[[], None] | None = None
@@ -163,7 +163,7 @@ class ServerConnection(asyncio.Protocol):
         except (ProtocolError, DatabaseUnavailable) as exc:
             self.abort(str(exc))
             return
-        if reply and self.transport is not None:
+        if isinstance(reply, bytes) and self.transport is not None:
             self.transport.write(reply)
 
     def _ready(self) -> None:

@@ -1,58 +1,75 @@
-"""Choosing how each side authenticates: client logins and server logins.
+"""Choosing how each client authenticates, from PgBouncer's settings.
 
-This module maps PgBouncer's settings (auth_type, auth_file, auth_hba_file) onto the
-sans-I/O authenticators the client and server connections drive.
+``auth_type`` (or, with ``auth_type = hba``, the first matching rule of
+``auth_hba_file``) picks the method; the secret comes from ``auth_file``. The
+sans-I/O exchange itself is :class:`millpond.proxy.auth.ClientAuthenticator`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
-from millpond.errors import DatabaseUnavailable, ProtocolError
+from millpond.proxy.auth import (
+    AuthOutcome,
+    AuthStep,
+    ClientAuthenticator,
+    error_login_rejected,
+    error_no_auth_method,
+)
 from millpond.proxy.protocol import messages as m
-from millpond.proxy.protocol.parsers import decode_authentication
+from millpond.proxy.protocol.parsers import Payload
 
 if TYPE_CHECKING:
+    from millpond.proxy.authfile import ConnType
     from millpond.proxy.config import ProxyConfig
     from millpond.proxy.frontend import ClientConnection
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    send: bytes = b""
-    ok: bool = False
-    failed: bool = False
-    reason: str = ""
+class Authenticator(Protocol):
+    def start(self) -> AuthStep: ...
+
+    def feed(self, message_type: bytes, payload: Payload) -> AuthStep: ...
 
 
-class TrustAuth:
-    """No secret asked: the configuration trusts this client."""
+class Decided:
+    """A login decided before any exchange: let in (``any``) or refuse outright."""
 
-    def start(self) -> Step:
-        return Step(send=m.authentication_ok(), ok=True)
+    def __init__(self, step: AuthStep) -> None:
+        self._step = step
 
-    def feed(self, kind: bytes, payload: Any) -> Step:
-        return Step(failed=True, reason="unexpected message during trust login")
+    def start(self) -> AuthStep:
+        return self._step
 
-
-def for_client(config: ProxyConfig, client: ClientConnection) -> Any:
-    """The authenticator for a client that asked for ``client.user``@``client.database``."""
-    return TrustAuth()
+    def feed(self, message_type: bytes, payload: Payload) -> AuthStep:
+        return AuthStep(AuthOutcome.FAILED, b"", "no message expected")
 
 
-class ServerLogin:
-    """Answers PostgreSQL's authentication requests when the proxy logs in."""
-
-    def __init__(self, user: str, password: str | None) -> None:
-        self.user = user
-        self.password = password
-
-    def feed(self, payload: Any) -> bytes | None:
-        auth = decode_authentication(payload)
-        if auth.code == 0:
-            return None
-        raise DatabaseUnavailable(f"server asked for authentication method {auth.code}")
+def _hba_method(config: ProxyConfig, client: ClientConnection) -> str | None:
+    if config.hba is None:
+        return None
+    conn_type: ConnType = "local"
+    if client.addr != "unix":
+        conn_type = "hostssl" if client.tls else "hostnossl"
+    return config.hba.match(conn_type, client.database, client.user, _address(client))
 
 
-__all__ = ["ProtocolError", "ServerLogin", "Step", "TrustAuth", "for_client"]
+def _address(client: ClientConnection) -> str | None:
+    return client.addr[0] if isinstance(client.addr, tuple) else None
+
+
+def for_client(config: ProxyConfig, client: ClientConnection) -> Authenticator:
+    """The authenticator for ``client.user`` logging in to ``client.database``."""
+    method: str = config.settings.auth_type
+    if method == "hba":
+        found = _hba_method(config, client)
+        if found is None:
+            return Decided(AuthStep(AuthOutcome.FAILED, error_no_auth_method(), "no hba rule"))
+        method = found
+    if method == "any" or (method == "trust" and config.auth is None):
+        return Decided(AuthStep(AuthOutcome.OK, m.authentication_ok()))
+    if method in ("cert", "peer"):
+        reason = f"auth method {method} is not supported by millpond yet"
+        return Decided(AuthStep(AuthOutcome.FAILED, error_login_rejected(), reason))
+    entry = config.auth.get(client.user) if config.auth is not None else None
+    secret = entry.secret if entry is not None else None
+    return ClientAuthenticator(method, client.user, secret, database=client.database)

@@ -171,9 +171,6 @@ class Proxy:
                 client.fail("08P01", f"unsupported startup parameter: {name}")
                 return
             client.params[name] = value
-        if client.database != ADMIN_DB and self.config.database(client.database) is None:
-            client.fail("3D000", f"no such database: {client.database}")
-            return
         client.start_auth(login.for_client(self.config, client))
 
     def authenticated(self, client: ClientConnection) -> None:
@@ -188,11 +185,11 @@ class Proxy:
             client.state = ClientState.LOGIN
             client.welcome(dict(_ADMIN_PARAMS))
             return
-        try:
-            pool = self.pool_for(client.database, client.user)
-        except DatabaseUnavailable as exc:
-            client.fail("08P01", str(exc))
+        if self.config.database(client.database) is None:
+            # PgBouncer says so only after a successful login, revealing nothing before.
+            client.fail("08P01", f"no such database: {client.database}")
             return
+        pool = self.pool_for(client.database, client.user)
         client.pool = pool
         client.state = ClientState.LOGIN
         welcome = pool.server_driver.welcome
