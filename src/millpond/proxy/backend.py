@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import ssl
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from millpond.proxy.protocol.parsers import (
     decode_error_response,
     decode_parameter_status,
 )
+from millpond.proxy.tls import ServerTLS, connect_with_tls
 
 if TYPE_CHECKING:
     from millpond.proxy.frontend import ClientConnection
@@ -67,6 +69,7 @@ class ServerTarget:
     socket_dir: str = "/tmp"
     startup: tuple[tuple[str, str], ...] = ()
     connect_query: str | None = None
+    tls: ServerTLS = field(default_factory=ServerTLS)
 
     def describe(self) -> str:
         where = self.host or f"{self.socket_dir}/.s.PGSQL.{self.port}"
@@ -244,12 +247,14 @@ async def open_server(target: ServerTarget, timeout: float) -> ServerConnection:
             if target.host is None:
                 path = f"{target.socket_dir}/.s.PGSQL.{target.port}"
                 await loop.create_unix_connection(lambda: conn, path)
-            else:
+            elif target.tls.sslmode in ("disable", "allow"):
                 await loop.create_connection(lambda: conn, target.host, target.port)
+            else:
+                await connect_with_tls(conn, target.host, target.port, target.tls)
             await conn.wait_ready()
             if target.connect_query:
                 await conn.query(target.connect_query)
-    except (OSError, TimeoutError, ConnectionError, RuntimeError) as exc:
+    except (OSError, TimeoutError, ConnectionError, RuntimeError, ssl.SSLError) as exc:
         conn.abort("login failed")
         raise DatabaseUnavailable(f"server login to {target.describe()} failed: {exc}") from exc
     return conn

@@ -21,6 +21,7 @@ from millpond.pool.pool import Pool
 from millpond.pool.state import CloseReason, Slot
 from millpond.proxy.backend import ServerDriver, ServerTarget
 from millpond.proxy.config import DatabaseEntry, ProxyConfig, UserEntry
+from millpond.proxy.tls import ServerTLS
 
 _FOREVER = 10 * 365 * 86400.0  # PgBouncer's "0 disables the timeout"
 
@@ -165,4 +166,5 @@ def server_target(
         socket_dir=config.settings.unix_socket_dir or "/tmp",
         startup=startup,
         connect_query=db.connect_query,
+        tls=ServerTLS.from_settings(config.settings),
     )

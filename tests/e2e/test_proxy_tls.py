@@ -1,0 +1,109 @@
+"""TLS on both sides of the proxy: clients to the proxy, and the proxy to PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from millpond.embedded import PostgresCluster
+from tests.e2e.conftest import ProxyFactory
+
+
+@pytest.fixture(scope="module")
+def certs(pg_cluster: PostgresCluster) -> Iterator[Path]:
+    """A self-signed certificate for 127.0.0.1, readable by the server's user."""
+    tmp = Path(tempfile.mkdtemp(prefix="millpond-tls-"))
+    os.chmod(tmp, 0o755)
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem"),
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    os.chmod(tmp / "key.pem", 0o600)
+    if os.geteuid() == 0:  # the server runs as the harness's unprivileged user
+        owner = pwd.getpwnam("millpond")
+        for name in ("key.pem", "cert.pem"):
+            os.chown(tmp / name, owner.pw_uid, owner.pw_gid)
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(certs: Path) -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster(
+        settings={
+            "ssl": "on",
+            "ssl_cert_file": str(certs / "cert.pem"),
+            "ssl_key_file": str(certs / "key.pem"),
+        }
+    )
+    cluster.start()
+    yield cluster
+    cluster.cleanup()
+
+
+def test_clients_talk_tls_to_the_proxy(proxy_factory: ProxyFactory, certs: Path) -> None:
+    proxy = proxy_factory(
+        client_tls_sslmode="require",
+        client_tls_cert_file=str(certs / "cert.pem"),
+        client_tls_key_file=str(certs / "key.pem"),
+    )
+    url = proxy.url()
+    with psycopg.connect(url + "?sslmode=require") as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("SELECT 'over tls'").fetchone() == ("over tls",)
+    with psycopg.connect(url + f"?sslmode=verify-full&sslrootcert={certs / 'cert.pem'}") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError, match="SSL required"):
+        psycopg.connect(url + "?sslmode=disable")
+
+
+def test_proxy_talks_tls_to_the_server(
+    proxy_factory: ProxyFactory, tls_cluster: PostgresCluster, certs: Path
+) -> None:
+    proxy = proxy_factory(
+        databases=f"* = host=127.0.0.1 port={tls_cluster.port}",
+        server_tls_sslmode="verify-full",
+        server_tls_ca_file=str(certs / "cert.pem"),
+    )
+    with psycopg.connect(proxy.url()) as conn:
+        row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
+        assert row == (True,)
+
+
+def test_required_server_tls_is_enforced(
+    proxy_factory: ProxyFactory,
+    pg_cluster: PostgresCluster,
+    certs: Path,
+    tls_cluster: PostgresCluster,
+) -> None:
+    # The shared cluster has no TLS: require must refuse to fall back to plain text.
+    plain = proxy_factory(server_tls_sslmode="require")
+    with pytest.raises(psycopg.OperationalError, match="does not support SSL"):
+        psycopg.connect(plain.url())
+    # A certificate signed by someone else fails verification.
+    other = certs / "other.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", str(certs / "other-key.pem"), "-out", str(other), "-subj", "/CN=x"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    wrong_ca = proxy_factory(
+        databases=f"* = host=127.0.0.1 port={tls_cluster.port}",
+        server_tls_sslmode="verify-full",
+        server_tls_ca_file=str(other),
+    )
+    with pytest.raises(psycopg.OperationalError, match="CERTIFICATE_VERIFY_FAILED"):
+        psycopg.connect(wrong_ca.url())
