@@ -30,6 +30,7 @@ from millpond.proxy.protocol import messages as m
 from millpond.proxy.protocol.codec import MessageReader
 from millpond.proxy.protocol.parsers import (
     decode_backend_key_data,
+    decode_data_row,
     decode_error_response,
     decode_parameter_status,
 )
@@ -96,6 +97,7 @@ class ServerConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._error: str | None = None
         self._on_internal_done: Callable[[], None] | None = None
+        self.rows: list[tuple[bytes | None, ...]] = []  # DataRows of the internal query
 
     def __repr__(self) -> str:
         return (
@@ -158,6 +160,8 @@ class ServerConnection(asyncio.Protocol):
             elif kind == m.READY_FOR_QUERY:
                 self.tx_status = bytes(payload[:1])
                 self._ready()
+            elif kind == m.DATA_ROW and self.state is ServerState.INTERNAL:
+                self.rows.append(decode_data_row(payload).values)
             # NoticeResponse, CommandComplete, RowDescription, DataRow...: consumed.
 
     def _authenticate(self, payload: memoryview) -> None:
@@ -200,10 +204,21 @@ class ServerConnection(asyncio.Protocol):
 
     def run_internal(self, sql: str, done: Callable[[], None] | None = None) -> None:
         """Send ``sql`` (simple protocol) and consume its results; ``done`` at ReadyForQuery."""
+        self._send_internal(m.query(sql), done)
+
+    def _send_internal(self, data: bytes, done: Callable[[], None] | None = None) -> None:
         assert self.transport is not None
         self.state = ServerState.INTERNAL
+        self.rows = []
         self._on_internal_done = done
-        self.transport.write(m.query(sql))
+        self.transport.write(data)
+
+    async def fetch(self, sql: str, *params: str) -> list[tuple[bytes | None, ...]]:
+        """Run a parameterised query (extended protocol, no SQL quoting) and return its rows."""
+        text = [p.encode() for p in params]
+        self._send_internal(m.parse("", sql) + m.bind("", "", text) + m.execute("") + m.sync())
+        await self.wait_ready()
+        return self.rows
 
     async def query(self, sql: str) -> None:
         """Run an internal query and wait for it; raises if the server reported an error."""

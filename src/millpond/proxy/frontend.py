@@ -14,6 +14,7 @@ import asyncio
 import enum
 import logging
 import secrets
+from time import monotonic
 from typing import TYPE_CHECKING, Any, cast
 
 from millpond.errors import PoolClosed, PoolTimeout, ProtocolError
@@ -83,6 +84,8 @@ class ClientConnection(asyncio.Protocol):
         self.auth: Any = None
         self.admin: Any = None
         self._wait: Any = None
+        self.last_active = monotonic()  # for client_idle_timeout / idle_transaction_timeout
+        self.busy_since = 0.0  # when the server started owing answers (query_timeout)
         self._login_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
@@ -115,6 +118,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.reader.feed(data)
                 if self.state is ClientState.IDLE:
+                    self.last_active = monotonic()
                     self._need_server()
         except ProtocolError as exc:
             self.fail("08P01", f"protocol violation: {exc}")
@@ -149,7 +153,7 @@ class ClientConnection(asyncio.Protocol):
         self._apply_auth_step(authenticator.start())
 
     def _auth_data(self) -> None:
-        while self.state is ClientState.AUTH:
+        while self.state is ClientState.AUTH and self.auth is not None:
             msg = self.reader.next_message()
             if msg is None:
                 return
@@ -291,6 +295,8 @@ class ClientConnection(asyncio.Protocol):
         if types[-1:] == b"X":
             self._terminate(data, types, scan.last_offset)
             return
+        if not server.outstanding:
+            self.busy_since = monotonic()
         server.outstanding += types.count(b"Q") + types.count(b"S") + types.count(b"F")
         self.unsynced = _unsynced_after(types, self.unsynced)
         assert self.pool is not None
@@ -322,6 +328,7 @@ class ClientConnection(asyncio.Protocol):
             return
         done = types.count(b"Z")
         server.outstanding -= done
+        self.last_active = monotonic()
         server.tx_status = ready
         pool.counters.query_count += done
         if server.outstanding < 0:
@@ -369,6 +376,10 @@ class ClientConnection(asyncio.Protocol):
             self.fail("08P01", "server conn crashed?")
 
     # -- errors and the end -------------------------------------------------------
+
+    def transport_write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     def fail(self, code: str, message: str) -> None:
         """Send an error to the client and close its connection (PgBouncer-style)."""

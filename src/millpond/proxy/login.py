@@ -57,8 +57,28 @@ def _address(client: ClientConnection) -> str | None:
     return client.addr[0] if isinstance(client.addr, tuple) else None
 
 
-def for_client(config: ProxyConfig, client: ClientConnection) -> Authenticator:
-    """The authenticator for ``client.user`` logging in to ``client.database``."""
+def auth_query_target(config: ProxyConfig, client: ClientConnection) -> tuple[str, str] | None:
+    """(database, auth_user) to run auth_query on, when the auth file lacks the user."""
+    if config.auth is not None and config.auth.get(client.user) is not None:
+        return None
+    if config.settings.auth_type in ("trust", "any", "cert", "peer"):
+        return None
+    db = config.database(client.database)
+    if db is None:
+        return None
+    auth_user = db.auth_user or config.settings.auth_user
+    if not auth_user:
+        return None
+    return (db.auth_dbname or config.settings.auth_dbname or client.database, auth_user)
+
+
+def for_client(
+    config: ProxyConfig, client: ClientConnection, *, looked_up: str | None = None
+) -> Authenticator:
+    """The authenticator for ``client.user`` logging in to ``client.database``.
+
+    ``looked_up`` is the secret auth_query found, when the auth file had none.
+    """
     method: str = config.settings.auth_type
     if method == "hba":
         found = _hba_method(config, client)
@@ -71,5 +91,5 @@ def for_client(config: ProxyConfig, client: ClientConnection) -> Authenticator:
         reason = f"auth method {method} is not supported by millpond yet"
         return Decided(AuthStep(AuthOutcome.FAILED, error_login_rejected(), reason))
     entry = config.auth.get(client.user) if config.auth is not None else None
-    secret = entry.secret if entry is not None else None
+    secret = entry.secret if entry is not None else looked_up
     return ClientAuthenticator(method, client.user, secret, database=client.database)

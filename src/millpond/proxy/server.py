@@ -7,14 +7,16 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any
 
 from millpond.errors import ConfigError, DatabaseUnavailable
 from millpond.pool.janitor import Janitor
 from millpond.pool.state import Slot
 from millpond.proxy import login
+from millpond.proxy.auth import error_no_such_user
 from millpond.proxy.backend import TRACKED_PARAMS, ServerDriver
-from millpond.proxy.config import DatabaseEntry, ProxyConfig, load_config
+from millpond.proxy.config import DatabaseEntry, ProxyConfig, ProxySettings, load_config
 from millpond.proxy.frontend import ClientConnection, ClientState
 from millpond.proxy.pools import ServerPool, pool_mode, pool_settings, server_target
 from millpond.proxy.protocol import messages as m
@@ -41,11 +43,12 @@ class Proxy:
         self.clients: set[ClientConnection] = set()
         self.by_key: dict[tuple[int, bytes], ClientConnection] = {}
         self.parked: list[ClientConnection] = []
-        self.janitor = Janitor("proxy", lambda: None, 3600.0)
+        self.janitor = Janitor("proxy", self._sweep, 0.5)
         self.login_stats = LoginStats()
         self.servers: list[asyncio.AbstractServer] = []
         self.addresses: list[str] = []
         self.paused = False
+        self.looked_up: dict[str, str] = {}  # secrets found by auth_query, by user
         self._pending_release: dict[int, tuple[ServerPool, Slot]] = {}
         self._stopped = asyncio.Event()
         self._shutdown_now = asyncio.Event()
@@ -56,6 +59,7 @@ class Proxy:
     # -- listening ------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.janitor.start()
         loop = asyncio.get_running_loop()
         s = self.config.settings
         hosts = [h for h in s.listen_addr if h]
@@ -141,6 +145,18 @@ class Proxy:
         self._stopped.set()
         await self.janitor.stop()
 
+    def _sweep(self) -> None:
+        """PgBouncer's client-side timeouts, checked twice a second."""
+        s = self.config.settings
+        if not (s.query_timeout or s.client_idle_timeout or s.idle_transaction_timeout):
+            return
+        now = monotonic()
+        for client in list(self.clients):
+            reason = _timed_out(client, s, now)
+            if reason is not None:
+                log.info("closing %r: %s", client, reason)
+                client.fail("08P01", reason)
+
     # -- clients ----------------------------------------------------------------------
 
     def client_opened(self, client: ClientConnection) -> None:
@@ -171,7 +187,33 @@ class Proxy:
                 client.fail("08P01", f"unsupported startup parameter: {name}")
                 return
             client.params[name] = value
-        client.start_auth(login.for_client(self.config, client))
+        target = login.auth_query_target(self.config, client)
+        if target is None:
+            client.start_auth(login.for_client(self.config, client))
+        else:
+            client.state = ClientState.AUTH
+            self.janitor.spawn(self._auth_query(client, *target), f"auth-query-{client.user}")
+
+    async def _auth_query(self, client: ClientConnection, database: str, auth_user: str) -> None:
+        """Fetch the user's secret with auth_query, as auth_user, then authenticate."""
+        db = self.config.database(client.database)
+        query = (db.auth_query if db is not None else None) or self.config.settings.auth_query
+        try:
+            pool = self.pool_for(database, auth_user)
+            async with pool.acquire() as server:
+                rows = await server.fetch(query, client.user)
+        except Exception as exc:
+            log.error("auth_query for %r failed: %s", client.user, exc)
+            client.fail("08P01", "bouncer config error")
+            return
+        if not rows or rows[0][1] is None:
+            client.transport_write(error_no_such_user())
+            client.close()
+            return
+        secret = rows[0][1].decode()
+        self.looked_up[client.user] = secret
+        if client.state is ClientState.AUTH:
+            client.start_auth(login.for_client(self.config, client, looked_up=secret))
 
     def authenticated(self, client: ClientConnection) -> None:
         self.login_stats.logins += 1
@@ -263,7 +305,9 @@ class Proxy:
         """The auth file's secret for the server login (used when the entry has none)."""
         auth = self.config.auth
         entry = auth.get(db.user or user) if auth is not None else None
-        return entry.secret if entry is not None else None
+        if entry is not None:
+            return entry.secret
+        return self.looked_up.get(db.user or user)
 
     # -- cancel requests ------------------------------------------------------------
 
@@ -350,6 +394,23 @@ class Proxy:
         parked, self.parked = self.parked, []
         for client in parked:
             client.resume_from_pause()
+
+
+def _timed_out(client: ClientConnection, s: ProxySettings, now: float) -> str | None:
+    server = client.server
+    idle_for = now - client.last_active
+    if client.state is ClientState.IDLE:
+        limit = s.client_idle_timeout
+        return "client_idle_timeout" if limit and idle_for > limit else None
+    if client.state is not ClientState.ACTIVE or server is None:
+        return None
+    if server.outstanding:
+        limit = s.query_timeout
+        return "query_timeout" if limit and now - client.busy_since > limit else None
+    limit = s.idle_transaction_timeout
+    if server.tx_status != m.TX_IDLE and limit and idle_for > limit:
+        return "idle transaction timeout"
+    return None
 
 
 def _stale_socket_removed(directory: str, port: int) -> str:
