@@ -86,3 +86,24 @@ def test_auth_query_finds_secrets_in_the_database(
             await asyncpg.connect(proxy.url(user="ghost", password="x"))
 
     run(main())
+
+
+def test_application_name_add_host_and_logfile(proxy_factory: ProxyFactory, tmp_path: Path) -> None:
+    logfile = tmp_path / "proxy.log"
+    proxy = proxy_factory(
+        application_name_add_host="1", logfile=str(logfile), default_pool_size="1"
+    )
+
+    async def main() -> None:
+        conn = await asyncpg.connect(
+            proxy.url(), statement_cache_size=0, server_settings={"application_name": "app"}
+        )
+        try:
+            name = await conn.fetchval("SHOW application_name")
+            assert name.startswith("app - 127.0.0.1(")
+        finally:
+            await conn.close()
+
+    run(main())
+    time.sleep(0.2)
+    assert "login: postgres@postgres" in logfile.read_text()

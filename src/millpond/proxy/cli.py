@@ -63,14 +63,30 @@ async def serve(config: ProxyConfig) -> None:
     await proxy.wait_closed()
 
 
+def setup_logging(config: ProxyConfig, verbose: int) -> None:
+    """Log to stderr, and to ``logfile`` when set; ``verbose`` (flag or setting) adds detail."""
+    s = config.settings
+    level = logging.WARNING - 10 * min(max(verbose, s.verbose), 2)
+    if s.log_connections or s.log_disconnections:
+        level = min(level, logging.INFO)
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if s.logfile:
+        handlers.append(logging.FileHandler(s.logfile))
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
 def run_proxy(args: argparse.Namespace) -> int:
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = build_config(args)
     except ConfigError as exc:
         print(f"millpond proxy: {exc}", file=sys.stderr)
         return 2
+    setup_logging(config, args.verbose)
     try:
         import uvloop
     except ImportError:

@@ -383,6 +383,10 @@ class ClientConnection(asyncio.Protocol):
 
     def fail(self, code: str, message: str) -> None:
         """Send an error to the client and close its connection (PgBouncer-style)."""
+        if self.proxy.config.settings.log_pooler_errors:
+            log.warning(
+                "pooler error to %s@%s (%s): %s", self.user, self.database, self.addr, message
+            )
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(m.error_response("FATAL", code, message))
         self.close()

@@ -187,6 +187,9 @@ class Proxy:
                 client.fail("08P01", f"unsupported startup parameter: {name}")
                 return
             client.params[name] = value
+        if s.application_name_add_host and isinstance(client.addr, tuple):
+            base = client.params.get("application_name", "")
+            client.params["application_name"] = f"{base} - {client.addr[0]}({client.addr[1]})"
         target = login.auth_query_target(self.config, client)
         if target is None:
             client.start_auth(login.for_client(self.config, client))
