@@ -26,6 +26,7 @@ from millpond.drivers.base import Driver
 from millpond.errors import DatabaseUnavailable, ProtocolError
 from millpond.pool.core import Release
 from millpond.proxy.auth_server import ServerAuthenticator
+from millpond.proxy.prepared import ServerStatements
 from millpond.proxy.protocol import messages as m
 from millpond.proxy.protocol.codec import MessageReader
 from millpond.proxy.protocol.parsers import (
@@ -70,6 +71,7 @@ class ServerTarget:
     socket_dir: str = "/tmp"
     startup: tuple[tuple[str, str], ...] = ()
     connect_query: str | None = None
+    max_prepared: int = 200
     tls: ServerTLS = field(default_factory=ServerTLS)
 
     def describe(self) -> str:
@@ -98,6 +100,7 @@ class ServerConnection(asyncio.Protocol):
         self._error: str | None = None
         self._on_internal_done: Callable[[], None] | None = None
         self.rows: list[tuple[bytes | None, ...]] = []  # DataRows of the internal query
+        self.statements = ServerStatements(target.max_prepared)
 
     def __repr__(self) -> str:
         return (
@@ -299,7 +302,7 @@ class ServerDriver(Driver):
     def verdict(self, conn: ServerConnection) -> Release:
         if conn.closed or conn.outstanding or conn.tx_status != m.TX_IDLE:
             return Release.BROKEN  # never hand on a connection mid-protocol
-        if conn.state is not ServerState.IDLE or conn.reader.buffered:
+        if conn.state is not ServerState.IDLE or conn.reader.buffered or conn.statements.pending:
             return Release.BROKEN
         return Release.DIRTY if self.reset_always and self.reset_query else Release.CLEAN
 
@@ -309,6 +312,7 @@ class ServerDriver(Driver):
     async def reset(self, conn: ServerConnection) -> None:
         if self.reset_query:
             await conn.query(self.reset_query)
+            conn.statements.forget_all()  # DISCARD ALL dropped them
 
     async def ping(self, conn: ServerConnection) -> None:
         if self.check_query:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import secrets
 from time import monotonic
 from typing import TYPE_CHECKING, Any, cast
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from millpond.errors import PoolClosed, PoolTimeout, ProtocolError
 from millpond.pool.state import Slot
 from millpond.proxy.backend import TRACKED_PARAMS, ServerConnection
+from millpond.proxy.prepared import Rewriter, Statement, responses
 from millpond.proxy.protocol import messages as m
 from millpond.proxy.protocol.codec import (
     CancelRequest,
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from millpond.proxy.server import Proxy
 
 log = logging.getLogger("millpond.proxy")
+
+_has_extended = re.compile(rb"[PBDCEH]").search
 
 # Message types that end with a ReadyForQuery from the server.
 _SYNC_POINTS = (b"Q", b"S", b"F")
@@ -81,6 +85,8 @@ class ClientConnection(asyncio.Protocol):
         self.key = secrets.token_bytes(4)
         self.addr: tuple[Any, ...] | str = ""
         self.tls = False
+        self.statements: dict[str, Statement] = {}  # named prepared statements
+        self.rewriter: Rewriter | None = None
         self.auth: Any = None
         self.admin: Any = None
         self._wait: Any = None
@@ -297,11 +303,27 @@ class ClientConnection(asyncio.Protocol):
             return
         if not server.outstanding:
             self.busy_since = monotonic()
+        pool = self.pool
+        assert pool is not None
+        owed = server.outstanding
         server.outstanding += types.count(b"Q") + types.count(b"S") + types.count(b"F")
         self.unsynced = _unsynced_after(types, self.unsynced)
-        assert self.pool is not None
-        self.pool.counters.bytes_received += len(data)
-        server.transport.write(data)
+        pool.counters.bytes_received += len(data)
+        if pool.rewrites and (server.statements.pending or _has_extended(types)):
+            self._forward_rewritten(server, bytes(data), owed)
+        else:
+            server.transport.write(data)
+
+    def _forward_rewritten(self, server: ServerConnection, data: bytes, owed: int) -> None:
+        """Named prepared statements: map them onto the server's (see prepared.py)."""
+        if self.rewriter is None:
+            self.rewriter = Rewriter(self.proxy.registry, self.statements)
+        to_server, to_client = self.rewriter.requests(server, data, owed)
+        assert server.transport is not None
+        if to_server:
+            server.transport.write(to_server)
+        if to_client and self.transport is not None:
+            self.transport.write(to_client)
 
     def _terminate(self, data: Any, types: bytes, offset: int) -> None:
         """Terminate: forward what came before it, then close (the server stays pooled)."""
@@ -316,6 +338,9 @@ class ClientConnection(asyncio.Protocol):
         self, server: ServerConnection, data: Any, types: bytes, ready: bytes | None
     ) -> None:
         """Bytes from our linked server: forward them; release the server when idle."""
+        st = server.statements
+        if st.pending or st.skip_z:
+            data = responses(st, bytes(data))
         transport = self.transport
         if transport is not None:
             transport.write(data)

@@ -55,6 +55,8 @@ class ServerPool(Pool):
         self.server_driver = driver
         self.counters = PoolCounters()
         self.paused = False
+        #: rewrite named prepared statements (transaction/statement modes; PgBouncer 1.21+)
+        self.rewrites = mode != "session" and driver.target.max_prepared > 0
 
     def start(self) -> None:
         """Open without waiting (prewarming to min_pool_size happens in the background)."""
@@ -103,6 +105,7 @@ class ServerPool(Pool):
     def reconfigure(self, mode: str, settings: dict[str, Any]) -> None:
         """New sizes and timeouts after a reload; connections adapt as they cycle."""
         self.mode = mode
+        self.rewrites = mode != "session" and self.server_driver.target.max_prepared > 0
         config = PoolConfig(**settings)
         self.config = config
         self._core.config = config
@@ -166,5 +169,6 @@ def server_target(
         socket_dir=config.settings.unix_socket_dir or "/tmp",
         startup=startup,
         connect_query=db.connect_query,
+        max_prepared=config.settings.max_prepared_statements,
         tls=ServerTLS.from_settings(config.settings),
     )

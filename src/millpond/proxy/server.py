@@ -19,6 +19,7 @@ from millpond.proxy.backend import TRACKED_PARAMS, ServerDriver
 from millpond.proxy.config import DatabaseEntry, ProxyConfig, ProxySettings, load_config
 from millpond.proxy.frontend import ClientConnection, ClientState
 from millpond.proxy.pools import ServerPool, pool_mode, pool_settings, server_target
+from millpond.proxy.prepared import Registry
 from millpond.proxy.protocol import messages as m
 from millpond.proxy.protocol.codec import CancelRequest, StartupMessage
 from millpond.proxy.tls import client_context, negotiate_client_tls, tls_required
@@ -48,6 +49,7 @@ class Proxy:
         self.servers: list[asyncio.AbstractServer] = []
         self.addresses: list[str] = []
         self.paused = False
+        self.registry = Registry()  # server-side names of prepared statements
         self.looked_up: dict[str, str] = {}  # secrets found by auth_query, by user
         self._pending_release: dict[int, tuple[ServerPool, Slot]] = {}
         self._stopped = asyncio.Event()
