@@ -91,6 +91,8 @@ class ClientConnection(asyncio.Protocol):
         self.admin: Any = None
         self._wait: Any = None
         self.last_active = monotonic()  # for client_idle_timeout / idle_transaction_timeout
+        self.connect_time = self.last_active  # for SHOW CLIENTS
+        self.request_time = self.last_active
         self.busy_since = 0.0  # when the server started owing answers (query_timeout)
         self._login_timer: asyncio.TimerHandle | None = None
 
@@ -200,7 +202,10 @@ class ClientConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(b"".join(out))
         self.state = ClientState.IDLE
-        if self.reader.buffered:
+        if self.admin is not None:
+            if self.reader.buffered:
+                self.admin.data_ready(self)
+        elif self.reader.buffered:
             self._need_server()
 
     def _login_timeout(self) -> None:
@@ -222,6 +227,7 @@ class ClientConnection(asyncio.Protocol):
         if self.proxy.shutting_down in ("safe", "immediate"):
             self.fail("08P01", "pooler is shutting down")
             return
+        self.request_time = monotonic()
         if pool.paused:
             self.state = ClientState.WAITING
             self.proxy.park(self)

@@ -49,6 +49,7 @@ class Proxy:
         self.servers: list[asyncio.AbstractServer] = []
         self.addresses: list[str] = []
         self.paused = False
+        self.paused_databases: set[str] = set()
         self.registry = Registry()  # server-side names of prepared statements
         self.looked_up: dict[str, str] = {}  # secrets found by auth_query, by user
         self._pending_release: dict[int, tuple[ServerPool, Slot]] = {}
@@ -61,7 +62,10 @@ class Proxy:
     # -- listening ------------------------------------------------------------------
 
     async def start(self) -> None:
+        from millpond.proxy.admin import start_stats
+
         self.janitor.start()
+        start_stats(self)
         loop = asyncio.get_running_loop()
         s = self.config.settings
         hosts = [h for h in s.listen_addr if h]
@@ -105,6 +109,10 @@ class Proxy:
         loop.add_signal_handler(signal.SIGINT, self._start_shutdown, "safe")
         loop.add_signal_handler(signal.SIGTERM, self._start_shutdown, "super-safe")
         loop.add_signal_handler(signal.SIGQUIT, self._start_shutdown, "immediate")
+
+    def start_shutdown(self, mode: str) -> None:
+        """Begin a shutdown in the background (signals, the admin SHUTDOWN)."""
+        self._start_shutdown(mode)
 
     def _start_shutdown(self, mode: str) -> None:
         if self.shutting_down is not None:
@@ -228,7 +236,10 @@ class Proxy:
         if client.database == ADMIN_DB:
             from millpond.proxy.admin import AdminSession
 
-            client.admin = AdminSession(self, client)
+            session = AdminSession(self, client)
+            if session.role is None:
+                return  # refused: the session already sent PgBouncer's error
+            client.admin = session
             client.state = ClientState.LOGIN
             client.welcome(dict(_ADMIN_PARAMS))
             return
@@ -302,6 +313,7 @@ class Proxy:
             driver=driver,
             **pool_settings(config, db, user_entry),
         )
+        pool.paused = self.paused or database in self.paused_databases
         pool.start()
         self.pools[key] = pool
         return pool
@@ -350,20 +362,21 @@ class Proxy:
 
     # -- reload and admin actions -----------------------------------------------------
 
-    def reload(self) -> None:
+    def reload(self) -> bool:
         """Re-read the config file (SIGHUP, RELOAD); a bad file keeps the old settings."""
         source = self.config.source
         if source is None:
             log.warning("reload: running without a config file; nothing to reload")
-            return
+            return False
         try:
             new = load_config(source)
             tls = client_context(new.settings)
         except (ConfigError, OSError) as exc:
             log.error("reload failed, keeping the old configuration: %s", exc)
-            return
+            return False
         self.apply_config(new, tls)
         log.info("configuration reloaded from %s", source)
+        return True
 
     def apply_config(self, new: ProxyConfig, tls: Any = None) -> None:
         self.config = new
