@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import struct
+import time
 
 import asyncpg
 import psycopg
@@ -283,6 +284,13 @@ def test_sigterm_waits_for_clients_to_leave(
     run(main())
 
 
+def wait_for_log(proxy: ProxyProcess, text: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in proxy.log_text():
+        assert time.monotonic() < deadline, f"{text!r} not in the proxy log"
+        time.sleep(0.05)
+
+
 def test_sighup_reloads_the_config(
     pg_cluster: PostgresCluster, proxy_factory: ProxyFactory
 ) -> None:
@@ -290,14 +298,11 @@ def test_sighup_reloads_the_config(
     text = proxy.ini.read_text().replace("pool_mode = session", "pool_mode = statement")
     proxy.ini.write_text(text)
     proxy.signal(signal.SIGHUP)
-    import time
-
-    time.sleep(0.5)
+    wait_for_log(proxy, "configuration reloaded")
     result = run_tool([pg_tool(pg_cluster, "psql"), proxy.url(), "-X", "-c", "BEGIN"], check=False)
     assert "transaction blocks not allowed" in result.stderr
     # A broken file is refused and the running configuration stays.
     proxy.ini.write_text(text.replace("pool_mode = statement", "pool_mode = sometimes"))
     proxy.signal(signal.SIGHUP)
-    time.sleep(0.5)
-    assert "reload failed" in proxy.log_text()
+    wait_for_log(proxy, "reload failed")
     assert psql(pg_cluster, proxy.url(), "SELECT 'alive'") == "alive"
