@@ -299,7 +299,10 @@ def test_sighup_reloads_the_config(
     proxy.ini.write_text(text)
     proxy.signal(signal.SIGHUP)
     wait_for_log(proxy, "configuration reloaded")
-    result = run_tool([pg_tool(pg_cluster, "psql"), proxy.url(), "-X", "-c", "BEGIN"], check=False)
+    result = run_tool(
+        [pg_tool(pg_cluster, "psql"), proxy.url(), "-X", "-c", "BEGIN", "-c", "SELECT 1"],
+        check=False,
+    )
     assert "transaction blocks not allowed" in result.stderr
     # A broken file is refused and the running configuration stays.
     proxy.ini.write_text(text.replace("pool_mode = statement", "pool_mode = sometimes"))
