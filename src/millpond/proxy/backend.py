@@ -101,6 +101,8 @@ class ServerConnection(asyncio.Protocol):
         self._on_internal_done: Callable[[], None] | None = None
         self.rows: list[tuple[bytes | None, ...]] = []  # DataRows of the internal query
         self.statements = ServerStatements(target.max_prepared)
+        self.applied: dict[str, str] = {}  # settings clients SET here (transaction mode)
+        self.needs_reset = False  # a pinned client left session state behind
 
     def __repr__(self) -> str:
         return (
@@ -304,15 +306,18 @@ class ServerDriver(Driver):
             return Release.BROKEN  # never hand on a connection mid-protocol
         if conn.state is not ServerState.IDLE or conn.reader.buffered or conn.statements.pending:
             return Release.BROKEN
-        return Release.DIRTY if self.reset_always and self.reset_query else Release.CLEAN
+        if conn.needs_reset or (self.reset_always and self.reset_query):
+            return Release.DIRTY
+        return Release.CLEAN
 
     def is_alive(self, conn: ServerConnection) -> bool:
         return not conn.closed
 
     async def reset(self, conn: ServerConnection) -> None:
-        if self.reset_query:
-            await conn.query(self.reset_query)
-            conn.statements.forget_all()  # DISCARD ALL dropped them
+        await conn.query(self.reset_query or "DISCARD ALL")
+        conn.statements.forget_all()  # DISCARD ALL dropped them
+        conn.applied.clear()
+        conn.needs_reset = False
 
     async def ping(self, conn: ServerConnection) -> None:
         if self.check_query:

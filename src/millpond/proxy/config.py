@@ -49,6 +49,7 @@ PoolMode = Literal["session", "transaction", "statement"]
 AuthType = Literal["any", "trust", "plain", "md5", "cert", "hba", "ldap", "pam", "scram-sha-256"]
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 LoadBalanceHosts = Literal["disable", "round-robin"]
+SessionPinning = Literal["pin", "reject"]
 TargetSessionAttrs = Literal["any", "read-write", "read-only", "primary", "standby"]
 
 #: PgBouncer's default ``auth_query``
@@ -250,6 +251,7 @@ _AUTH_TYPE = _meta(_choice(AUTH_TYPES))
 _SSL_MODE = _meta(_choice(SSL_MODES))
 _LOAD_BALANCE = _meta(_choice(get_args(LoadBalanceHosts)))
 _SESSION_ATTRS = _meta(_choice(get_args(TargetSessionAttrs)))
+_PINNING = _meta(_choice(get_args(SessionPinning)))
 
 
 # --------------------------------------------------------------------------- [pgbouncer]
@@ -378,6 +380,9 @@ class ProxySettings:
     # millpond additions: the metrics/health HTTP endpoint (off unless a port is set)
     stats_listen_addr: str | None = _opt()
     stats_listen_port: int | None = _field(None, _parse_port_or_none)
+    # millpond: what transaction mode does with session state that cannot move
+    # between server connections: "pin" the client to its server, or "reject" it.
+    session_pinning: SessionPinning = field(default="pin", metadata=_PINNING)
 
     def __post_init__(self) -> None:
         _normalize_fields(self)
@@ -440,6 +445,7 @@ class DatabaseEntry:
     load_balance_hosts: LoadBalanceHosts = field(default="round-robin", metadata=_LOAD_BALANCE)
     target_session_attrs: TargetSessionAttrs = field(default="any", metadata=_SESSION_ATTRS)
     connect_query: str | None = _text()
+    session_pinning: SessionPinning | None = field(default=None, metadata=_PINNING)
     client_encoding: str | None = _text()
     datestyle: str | None = _text()
     timezone: str | None = _text()

@@ -31,7 +31,9 @@ from millpond.proxy.protocol.codec import (
     StartupMessage,
     StartupReader,
 )
-from millpond.proxy.protocol.parsers import decode_parameter_status
+from millpond.proxy.protocol.parsers import decode_parameter_status, decode_parse, decode_query
+from millpond.proxy.session import SessionTracker, alignment_sql, readback_sql
+from millpond.proxy.session import hint as session_hint
 
 if TYPE_CHECKING:
     from millpond.proxy.pools import ServerPool
@@ -55,6 +57,19 @@ class ClientState(enum.Enum):
     WAITING = "waiting"
     ACTIVE = "active"
     CLOSED = "closed"
+
+
+def _query_texts(data: bytes) -> list[str]:
+    """The SQL of every Query and Parse message in a span of client messages."""
+    reader = MessageReader()
+    reader.feed(data)
+    texts = []
+    for msg in reader:
+        if msg.type == b"Q":
+            texts.append(decode_query(msg.payload).text)
+        elif msg.type == b"P":
+            texts.append(decode_parse(msg.payload).query)
+    return texts
 
 
 def _unsynced_after(types: bytes, before: bool) -> bool:
@@ -86,6 +101,7 @@ class ClientConnection(asyncio.Protocol):
         self.addr: tuple[Any, ...] | str = ""
         self.tls = False
         self.statements: dict[str, Statement] = {}  # named prepared statements
+        self.session = SessionTracker()
         self.rewriter: Rewriter | None = None
         self.auth: Any = None
         self.admin: Any = None
@@ -273,8 +289,14 @@ class ClientConnection(asyncio.Protocol):
         self.slot, self.server = slot, server
         server.client = self
         self.state = ClientState.ACTIVE
-        if server.param_sig != self.param_sig:
-            sets = self._param_sets(server)
+        wanted = self.session.wanted
+        if server.param_sig != self.param_sig or server.applied != wanted:
+            sets = ";".join(
+                part
+                for part in (self._param_sets(server), alignment_sql(server.applied, wanted))
+                if part
+            )
+            server.applied = dict(wanted)
             if sets:
                 self.state = ClientState.LOGIN  # hold client data until the SETs finish
                 server.run_internal(sets, self._after_sets)
@@ -307,10 +329,14 @@ class ClientConnection(asyncio.Protocol):
         if types[-1:] == b"X":
             self._terminate(data, types, scan.last_offset)
             return
-        if not server.outstanding:
-            self.busy_since = monotonic()
         pool = self.pool
         assert pool is not None
+        if pool.mode != "session" and session_hint(data):
+            refused = self._note_session(data, types)
+            if refused:
+                return
+        if not server.outstanding:
+            self.busy_since = monotonic()
         owed = server.outstanding
         server.outstanding += types.count(b"Q") + types.count(b"S") + types.count(b"F")
         self.unsynced = _unsynced_after(types, self.unsynced)
@@ -370,11 +396,59 @@ class ClientConnection(asyncio.Protocol):
         if ready == m.TX_IDLE:
             if pool.mode != "session":
                 pool.counters.xact_count += 1
-                self._unlink()
-                if self.reader.buffered:
-                    self._need_server()
+                self._transaction_done(server)
         elif pool.mode == "statement":
             self.fail("08P01", "transaction blocks not allowed in statement pooling mode")
+
+    def _transaction_done(self, server: ServerConnection) -> None:
+        """Transaction mode, server idle: settle session state, then release (or stay)."""
+        session = self.session
+        if session.reset_all:
+            session.forget_all(server.applied)
+        if session.pending:
+            names = sorted(session.pending)
+            session.pending.clear()
+            self.state = ClientState.LOGIN  # hold client data while we ask the server
+            server.run_internal(readback_sql(names), lambda: self._settled(server, names))
+            return
+        if session.pinned:
+            return  # this server connection is the client's until it leaves
+        self._unlink()
+        if self.reader.buffered:
+            self._need_server()
+
+    def _settled(self, server: ServerConnection, names: list[str]) -> None:
+        if server is not self.server or self.state is ClientState.CLOSED:
+            return
+        if server.rows:
+            self.session.settle(server.applied, names, server.rows[0])
+        self.state = ClientState.ACTIVE
+        self._transaction_done(server)
+
+    def _note_session(self, data: Any, types: bytes) -> bool:
+        """Track SET/RESET and pinning features; True if the request was refused."""
+        texts = _query_texts(bytes(data))
+        pool = self.pool
+        assert pool is not None
+        policy = pool.session_pinning
+        was_pinned = self.session.pinned
+        reason = self.session.inspect(texts, reject=policy == "reject" and b"Q" in types)
+        if reason is not None:
+            text = (
+                f"{reason} needs a dedicated server connection, which transaction pooling "
+                "does not give (session_pinning = reject); use session pooling for this client"
+            )
+            status = self.server.tx_status if self.server is not None else m.TX_IDLE
+            self.transport_write(
+                m.error_response("ERROR", "0A000", text) + m.ready_for_query(status)
+            )
+            if self.server is not None and not self.server.outstanding and status == m.TX_IDLE:
+                self._transaction_done(self.server)
+            return True
+        if self.session.pinned and not was_pinned:
+            pool.counters.pinned += 1
+            log.info("%r pinned to its server connection: %s", self, self.session.pin_reason)
+        return False
 
     def _server_params(self, server: ServerConnection, data: Any) -> None:
         reader = MessageReader()
@@ -395,6 +469,8 @@ class ClientConnection(asyncio.Protocol):
             self.state = ClientState.IDLE
         if server is not None:
             server.client = None
+            if self.session.pinned:
+                server.needs_reset = True  # its session state must not reach anyone else
         if slot is not None and pool is not None:
             if server is not None and server.cancels:
                 self.proxy.release_after_cancel(pool, slot)
@@ -438,4 +514,6 @@ class ClientConnection(asyncio.Protocol):
             self._wait = None
         if self.server is not None:
             self._unlink()
+        if self.session.pinned and self.pool is not None:
+            self.pool.counters.pinned -= 1
         self.proxy.client_closed(self)

@@ -39,6 +39,7 @@ class PoolCounters:
     xact_time: float = 0.0
     query_time: float = 0.0
     wait_time: float = 0.0
+    pinned: int = 0  # clients pinned to a server connection by session state
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -55,6 +56,7 @@ class ServerPool(Pool):
         self.server_driver = driver
         self.counters = PoolCounters()
         self.paused = False
+        self.session_pinning = "pin"
         #: rewrite named prepared statements (transaction/statement modes; PgBouncer 1.21+)
         self.rewrites = mode != "session" and driver.target.max_prepared > 0
 

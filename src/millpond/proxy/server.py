@@ -314,6 +314,7 @@ class Proxy:
             **pool_settings(config, db, user_entry),
         )
         pool.paused = self.paused or database in self.paused_databases
+        pool.session_pinning = db.session_pinning or s.session_pinning
         pool.start()
         self.pools[key] = pool
         return pool

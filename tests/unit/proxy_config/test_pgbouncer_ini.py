@@ -269,6 +269,7 @@ PGBOUNCER_DEFAULTS: dict[str, object] = {
     "server_tls_cert_file": None, "server_tls_ca_file": None, "server_tls_protocols": "secure",
     "server_tls_ciphers": "default", "server_tls13_ciphers": None,
     "stats_listen_addr": None, "stats_listen_port": None,
+    "session_pinning": "pin",  # millpond
 }  # fmt: skip
 
 
