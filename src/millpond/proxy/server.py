@@ -353,9 +353,10 @@ class Proxy:
             log.warning("cancel request to %s failed: %s", target.describe(), exc)
         finally:
             server.cancels -= 1
-            pending = self._pending_release.pop(id(server), None)
-            if pending is not None and not server.cancels:
-                pending[0].give(pending[1])
+            if not server.cancels:
+                pending = self._pending_release.pop(id(server), None)
+                if pending is not None:
+                    pending[0].give(pending[1])
 
     def release_after_cancel(self, pool: ServerPool, slot: Slot) -> None:
         """Hold a server back until its cancel requests are done, so they hit no one else."""
