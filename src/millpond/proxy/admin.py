@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from millpond import __version__
 from millpond.errors import ConfigError, ProtocolError
-from millpond.pool.state import CloseReason, SlotState
+from millpond.pool.state import SlotState
 from millpond.proxy import admin_show as show
 from millpond.proxy.config import ProxyConfig, load_config, parse_setting
 from millpond.proxy.frontend import ClientState
@@ -600,13 +600,7 @@ def _closing_servers(pool: ServerPool) -> bool:
 
 
 def _reconnect_pool(pool: ServerPool) -> None:
-    hook = getattr(pool, "reconnect", None)
-    if callable(hook):
-        hook()  # idle servers close now, lent ones when released
-        return
-    for slot in pool._core.slots.values():  # fallback: each closes when next released
-        if slot.retire is None:
-            slot.retire = CloseReason.STALE
+    pool.reconnect()  # idle servers close now, lent ones when released
 
 
 def pause_database(proxy: Proxy, database: str) -> None:
