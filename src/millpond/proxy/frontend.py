@@ -18,7 +18,7 @@ import secrets
 from time import monotonic
 from typing import TYPE_CHECKING, Any, cast
 
-from millpond.errors import PoolClosed, PoolTimeout, ProtocolError
+from millpond.errors import PoolClosed, ProtocolError
 from millpond.pool.state import Slot
 from millpond.proxy.backend import TRACKED_PARAMS, ServerConnection
 from millpond.proxy.prepared import Rewriter, Statement, responses
@@ -259,30 +259,36 @@ class ClientConnection(asyncio.Protocol):
         self.state = ClientState.WAITING
         if self.transport is not None:
             self.transport.pause_reading()
-        self._wait = pool.wait(self._on_lease)
+        handle = pool.wait(self._on_slot, self._on_wait_error)
+        if self.state is ClientState.WAITING:
+            self._wait = handle
 
     def resume_from_pause(self) -> None:
         if self.state is ClientState.WAITING and self._wait is None:
             self.state = ClientState.IDLE
             self._need_server()
 
-    def _on_lease(self, future: asyncio.Future[Slot]) -> None:
+    def _on_slot(self, slot: Slot) -> None:
+        """The pool handed us a server connection (called synchronously by the core)."""
         self._wait = None
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is not None:
-            reason = "query_wait_timeout" if isinstance(exc, PoolTimeout) else str(exc)
-            self.fail("08P01", reason)
-            return
-        slot = future.result()
         if self.state is not ClientState.WAITING:
             assert self.pool is not None
             self.pool.give(slot)  # we left while it was on its way
             return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
         self._link(slot)
+
+    def _on_wait_error(self, exc: BaseException) -> None:
+        self._wait = None
+        self.fail("08P01", str(exc))
+
+    def wait_expired(self) -> None:
+        """query_wait_timeout ran out while we waited for a server (the proxy's sweep)."""
+        if self._wait is not None and self.pool is not None:
+            self.pool.expire(self._wait)
+            self._wait = None
+        self.fail("08P01", "query_wait_timeout")
 
     def _link(self, slot: Slot) -> None:
         server: ServerConnection = slot.conn

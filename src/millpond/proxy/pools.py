@@ -25,7 +25,38 @@ from millpond.proxy.tls import ServerTLS
 
 _FOREVER = 10 * 365 * 86400.0  # PgBouncer's "0 disables the timeout"
 
-LeaseCallback = Callable[["asyncio.Future[Slot]"], None]
+
+class DirectWaiter:
+    """A waiter resolved by calling back at once (the pool core's hand-off calls it).
+
+    It quacks like the future the core expects (done, set_result, set_exception).
+    """
+
+    __slots__ = ("_done", "on_error", "on_slot")
+
+    def __init__(
+        self, on_slot: Callable[[Slot], None], on_error: Callable[[BaseException], None]
+    ) -> None:
+        self.on_slot = on_slot
+        self.on_error = on_error
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> None:
+        self._done = True
+
+    def set_result(self, slot: Slot) -> None:
+        self._done = True
+        self.on_slot(slot)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._done = True
+        self.on_error(exc)
+
+
+WaitHandle = tuple[Waiter, DirectWaiter]
 
 
 @dataclass(slots=True)
@@ -72,28 +103,31 @@ class ServerPool(Pool):
         """An idle server connection now, or None."""
         return self._take_nowait()
 
-    def wait(self, callback: LeaseCallback) -> tuple[Waiter, asyncio.Future[Slot]]:
-        """Queue for a server connection; ``callback(future)`` runs when it resolves."""
+    def wait(
+        self, on_slot: Callable[[Slot], None], on_error: Callable[[BaseException], None]
+    ) -> WaitHandle:
+        """Queue for a server connection; ``on_slot`` runs at the hand-off, synchronously.
+
+        No future, timer or extra loop iteration per wait: the proxy's sweep enforces
+        query_wait_timeout (see :meth:`expire`).
+        """
         if self._closing:
             raise PoolClosed(f"pool {self.name!r} is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Slot] = loop.create_future()
-        waiter = self._core.wait(future, monotonic())
+        direct = DirectWaiter(on_slot, on_error)
+        waiter = self._core.wait(direct, monotonic())  # type: ignore[arg-type]
         if self._core.todo:
             self._flush()
-        limit = self.config.acquire_timeout
-        timer = loop.call_later(limit, self._expire_waiter, future, limit)
-        future.add_done_callback(lambda f: timer.cancel())
-        future.add_done_callback(callback)
-        return waiter, future
+        return waiter, direct
 
-    def cancel_wait(self, handle: tuple[Waiter, asyncio.Future[Slot]]) -> None:
-        waiter, future = handle
+    def cancel_wait(self, handle: WaitHandle) -> None:
+        waiter, direct = handle
         self._core.forget_waiter(waiter)
-        if future.done() and not future.cancelled() and future.exception() is None:
-            self.give(future.result())
-        elif not future.done():
-            future.cancel()
+        direct.cancel()
+
+    def expire(self, handle: WaitHandle) -> None:
+        """A waiter ran out of query_wait_timeout: count it and take it out of the queue."""
+        self._core.counters.timeouts += 1
+        self.cancel_wait(handle)
 
     def reconnect(self) -> None:
         """Close idle server connections now, and lent ones when they come back."""

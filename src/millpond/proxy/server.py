@@ -157,12 +157,14 @@ class Proxy:
 
     def _sweep(self) -> None:
         """PgBouncer's client-side timeouts, checked twice a second."""
-        s = self.config.settings
-        if not (s.query_timeout or s.client_idle_timeout or s.idle_transaction_timeout):
-            return
         now = monotonic()
         for client in list(self.clients):
-            reason = _timed_out(client, s, now)
+            if client._wait is not None and client.pool is not None:
+                limit = client.pool.config.acquire_timeout  # query_wait_timeout
+                if now - client._wait[0].since > limit:
+                    client.wait_expired()
+                    continue
+            reason = _timed_out(client, self.config.settings, now)
             if reason is not None:
                 log.info("closing %r: %s", client, reason)
                 client.fail("08P01", reason)
@@ -258,18 +260,15 @@ class Proxy:
         if slot is not None:
             self._welcome_with(client, pool, slot)
         else:
-            client._wait = pool.wait(lambda f: self._welcome_lease(client, pool, f))
-
-    def _welcome_lease(self, client: ClientConnection, pool: ServerPool, future: Any) -> None:
-        client._wait = None
-        if future.cancelled():
-            return
-        if future.exception() is not None:
-            client.fail("08P01", f"could not connect to server: {future.exception()}")
-            return
-        self._welcome_with(client, pool, future.result())
+            handle = pool.wait(
+                lambda slot: self._welcome_with(client, pool, slot),
+                lambda exc: client.fail("08P01", f"could not connect to server: {exc}"),
+            )
+            if client.state is ClientState.LOGIN:
+                client._wait = handle
 
     def _welcome_with(self, client: ClientConnection, pool: ServerPool, slot: Slot) -> None:
+        client._wait = None
         params = dict(slot.conn.params)
         pool.give(slot)
         if client.state is ClientState.LOGIN:
