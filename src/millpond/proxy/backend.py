@@ -119,10 +119,14 @@ class ServerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
-        reader.feed(data)
         client = self.client
         if client is not None and self.state is ServerState.IDLE:
             try:
+                whole = reader.whole(data)
+                if whole is not None:  # the common case: whole messages, no copy
+                    client.from_server(self, data, whole.types, whole.ready_status)
+                    return
+                reader.feed(data)
                 span = reader.read_span()
             except ProtocolError as exc:
                 self.abort(f"server sent a bad message: {exc}")
@@ -130,6 +134,7 @@ class ServerConnection(asyncio.Protocol):
             if span is not None:
                 client.from_server(self, span.data, span.types, span.ready_status)
             return
+        reader.feed(data)
         try:
             self._inspect()
         except ProtocolError as exc:

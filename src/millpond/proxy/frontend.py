@@ -129,8 +129,20 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             if self.state is ClientState.ACTIVE:
-                self.reader.feed(data)
-                self._forward()
+                whole = self.reader.whole(data, b"X")
+                if whole is not None and whole.types[-1:] != b"X":
+                    self._forward_span(data, whole.types)  # the common case: no copy
+                else:
+                    self.reader.feed(data)
+                    self._forward()
+            elif self.state is ClientState.IDLE and self.admin is None:
+                self.last_active = monotonic()
+                whole = self.reader.whole(data, b"X")
+                if whole is not None and whole.types[-1:] != b"X":
+                    self._start_transaction(data, whole.types)
+                else:
+                    self.reader.feed(data)
+                    self._need_server()
             elif self.state is ClientState.STARTUP:
                 self._startup_data(data)
             elif self.state is ClientState.AUTH:
@@ -290,7 +302,7 @@ class ClientConnection(asyncio.Protocol):
             self._wait = None
         self.fail("08P01", "query_wait_timeout")
 
-    def _link(self, slot: Slot) -> None:
+    def _link(self, slot: Slot, span: tuple[bytes, bytes] | None = None) -> None:
         server: ServerConnection = slot.conn
         self.slot, self.server = slot, server
         server.client = self
@@ -304,10 +316,15 @@ class ClientConnection(asyncio.Protocol):
             )
             server.applied = dict(wanted)
             if sets:
+                if span is not None:
+                    self.reader.feed(span[0])
                 self.state = ClientState.LOGIN  # hold client data until the SETs finish
                 server.run_internal(sets, self._after_sets)
                 return
-        self._forward()
+        if span is not None:
+            self._forward_span(*span)
+        else:
+            self._forward()
 
     def _param_sets(self, server: ServerConnection) -> str:
         parts = []
@@ -335,6 +352,33 @@ class ClientConnection(asyncio.Protocol):
         if types[-1:] == b"X":
             self._terminate(data, types, scan.last_offset)
             return
+        self._forward_span(data, types)
+
+    def _start_transaction(self, data: bytes, types: bytes) -> None:
+        """Idle, and whole messages arrived: take a server now if one is idle."""
+        pool = self.pool
+        assert pool is not None
+        if self.proxy.shutting_down or pool.paused:
+            self.reader.feed(data)
+            self._need_server()
+            return
+        try:
+            slot = pool.take()
+        except PoolClosed:
+            self.fail("08P01", "pooler is shutting down")
+            return
+        if slot is None:
+            self.reader.feed(data)
+            self._need_server()
+            return
+        self.request_time = self.last_active
+        self._link(slot, (data, types))
+
+    def _forward_span(self, data: Any, types: bytes) -> None:
+        """Send whole client messages to the linked server, keeping the protocol books."""
+        server = self.server
+        assert server is not None
+        assert server.transport is not None
         pool = self.pool
         assert pool is not None
         if pool.mode != "session" and session_hint(data):

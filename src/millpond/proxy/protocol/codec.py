@@ -110,6 +110,43 @@ def _bad_length(kind: int, length: int, limit: int) -> ProtocolError:
     )
 
 
+def _walk(buf: bytes | bytearray, start: int, limit: int, stop: bytes) -> Scan:
+    """Scan the complete messages of ``buf`` from ``start`` (see MessageReader.scan)."""
+    end = len(buf)
+    last_header = end - _HEADER_SIZE
+    pos = last = start
+    ready = -1
+    types = bytearray()
+    append, unpack = types.append, _LENGTH.unpack_from
+    while pos <= last_header:
+        length: int = unpack(buf, pos + 1)[0]
+        if not 4 <= length <= limit:
+            raise _bad_length(buf[pos], length, limit)
+        if pos + 1 + length > end:
+            break
+        kind = buf[pos]
+        append(kind)
+        if kind == _READY:
+            ready = pos
+        last = pos
+        pos += 1 + length
+        if kind in stop:
+            break
+    status = _ready_status(buf, ready) if ready >= 0 else None
+    return Scan(pos - start, bytes(types), last - start, status)
+
+
+def _ready_status(buf: bytes | bytearray, offset: int) -> bytes:
+    length: int = _LENGTH.unpack_from(buf, offset + 1)[0]
+    status = _TYPE_BYTES[buf[offset + _HEADER_SIZE]] if length == 5 else b""
+    if not status or status not in TX_STATUSES:
+        raise ProtocolError(
+            f"malformed ReadyForQuery (type b'Z'): length {length}, status {status!r}; "
+            "it must have length 5 and a status of b'I', b'T' or b'E'"
+        )
+    return status
+
+
 class MessageReader:
     """Frames a typed PostgreSQL v3 stream (either direction) from fed bytes.
 
@@ -166,40 +203,16 @@ class MessageReader:
         message whose type byte is in ``stop`` (e.g. ``stop=b"Z"`` to end a span at
         ReadyForQuery). Raises :class:`ProtocolError` for a bad length field.
         """
-        buf, start, limit = self._buf, self._pos, self._limit
-        end = len(buf)
-        last_header = end - _HEADER_SIZE
-        pos = last = start
-        ready = -1
-        types = bytearray()
-        append, unpack = types.append, _LENGTH.unpack_from
-        while pos <= last_header:
-            length: int = unpack(buf, pos + 1)[0]
-            if not 4 <= length <= limit:
-                raise _bad_length(buf[pos], length, limit)
-            if pos + 1 + length > end:
-                break
-            kind = buf[pos]
-            append(kind)
-            if kind == _READY:
-                ready = pos
-            last = pos
-            pos += 1 + length
-            if kind in stop:
-                break
-        return Scan(pos - start, bytes(types), last - start, self._ready_status(ready))
+        return _walk(self._buf, self._pos, self._limit, stop)
 
-    def _ready_status(self, offset: int) -> bytes | None:
-        if offset < 0:
+    def whole(self, data: bytes, stop: bytes = b"") -> Scan | None:
+        """The forwarding fast path: with nothing buffered, the Scan of ``data`` itself
+        when it is made of whole messages (no copy, nothing kept); otherwise None,
+        and the caller feeds ``data`` as usual."""
+        if self._pos != len(self._buf):
             return None
-        length: int = _LENGTH.unpack_from(self._buf, offset + 1)[0]
-        status = _TYPE_BYTES[self._buf[offset + _HEADER_SIZE]] if length == 5 else b""
-        if not status or status not in TX_STATUSES:
-            raise ProtocolError(
-                f"malformed ReadyForQuery (type b'Z'): length {length}, status {status!r}; "
-                "it must have length 5 and a status of b'I', b'T' or b'E'"
-            )
-        return status
+        found = _walk(data, 0, self._limit, stop)
+        return found if found.length == len(data) else None
 
     def take(self, size: int) -> bytes | memoryview:
         """Remove ``size`` bytes from the front and return them, immutable.
