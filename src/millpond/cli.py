@@ -106,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     proxy = sub.add_parser("proxy", help="run the PgBouncer-compatible pooling proxy")
     add_proxy_arguments(proxy)
     proxy.set_defaults(func=_cmd_proxy)
+    from millpond.observe.cli import add_arguments as add_observe_arguments
+
+    add_observe_arguments(sub)  # millpond top / size / advise
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -50,6 +50,8 @@ class Proxy:
         self.addresses: list[str] = []
         self.paused = False
         self.paused_databases: set[str] = set()
+        self.stats_server: Any = None
+        self.stats_logger: Any = None
         self.registry = Registry()  # server-side names of prepared statements
         self.looked_up: dict[str, str] = {}  # secrets found by auth_query, by user
         self._pending_release: dict[int, tuple[ServerPool, Slot]] = {}
@@ -91,6 +93,10 @@ class Proxy:
             self.servers.append(server)
             self.addresses.append(path)
         _write_pidfile(s.pidfile)
+        from millpond.observe import start_stats_logger, start_stats_server
+
+        self.stats_server = await start_stats_server(self)  # /metrics, /healthz, dashboard
+        self.stats_logger = start_stats_logger(self)  # PgBouncer's log_stats / stats_period
 
     @property
     def port(self) -> int:
@@ -154,6 +160,10 @@ class Proxy:
         _remove_pidfile(self.config.settings.pidfile)
         self._stopped.set()
         await self.janitor.stop()
+        if self.stats_logger is not None:
+            await self.stats_logger.stop()
+        if self.stats_server is not None:  # readable until the very end of a drain
+            await self.stats_server.close()
 
     def _sweep(self) -> None:
         """PgBouncer's client-side timeouts, checked twice a second."""
@@ -276,6 +286,8 @@ class Proxy:
 
     def stats_login_failed(self, client: ClientConnection) -> None:
         self.login_stats.login_failures += 1
+        if self.config.settings.log_pooler_errors:
+            log.warning("login failed: %s@%s from %s", client.user, client.database, client.addr)
 
     def park(self, client: ClientConnection) -> None:
         if client not in self.parked:
