@@ -26,6 +26,7 @@ from millpond.drivers.base import Driver
 from millpond.errors import DatabaseUnavailable, ProtocolError
 from millpond.pool.core import Release
 from millpond.proxy.auth_server import ServerAuthenticator
+from millpond.proxy.limits import Budget
 from millpond.proxy.prepared import ServerStatements
 from millpond.proxy.protocol import messages as m
 from millpond.proxy.protocol.codec import MessageReader
@@ -103,6 +104,7 @@ class ServerConnection(asyncio.Protocol):
         self.statements = ServerStatements(target.max_prepared)
         self.applied: dict[str, str] = {}  # settings clients SET here (transaction mode)
         self.needs_reset = False  # a pinned client left session state behind
+        self.budgets: tuple[Budget, ...] = ()  # room taken in max_db/user_connections
 
     def __repr__(self) -> str:
         return (
@@ -255,6 +257,11 @@ class ServerConnection(asyncio.Protocol):
             self.transport.abort()
         self._finish_wait(ConnectionError(reason))
 
+    def release_budgets(self) -> None:
+        budgets, self.budgets = self.budgets, ()
+        for budget in budgets:
+            budget.give_back()
+
     def terminate(self) -> None:
         """Say goodbye politely (Terminate), then close."""
         if self.transport is not None and not self.transport.is_closing():
@@ -291,17 +298,40 @@ class ServerDriver(Driver):
     name = "proxy"
 
     def __init__(
-        self, target: ServerTarget, *, reset_query: str, check_query: str, reset_always: bool
+        self,
+        target: ServerTarget,
+        *,
+        reset_query: str,
+        check_query: str,
+        reset_always: bool,
+        budgets: tuple[Budget, ...] = (),
     ) -> None:
         super().__init__(None, {})
         self.target = target
+        self.budgets = budgets  # max_db_connections / max_user_connections
         self.reset_query = reset_query
         self.check_query = check_query
         self.reset_always = reset_always
         self.welcome: dict[str, str] | None = None  # parameters of the first login
 
     async def connect(self, timeout: float) -> ServerConnection:
-        conn = await open_server(self.target, timeout)
+        taken: list[Budget] = []
+        try:
+            for budget in self.budgets:
+                try:
+                    await budget.take(timeout)
+                except TimeoutError:
+                    raise DatabaseUnavailable(
+                        f"no room for a server connection: {budget.name} is at its limit "
+                        f"({budget.limit})"
+                    ) from None
+                taken.append(budget)
+            conn = await open_server(self.target, timeout)
+        except BaseException:
+            for budget in taken:
+                budget.give_back()
+            raise
+        conn.budgets = tuple(taken)
         if self.welcome is None:
             self.welcome = dict(conn.params)
         return conn
@@ -330,9 +360,11 @@ class ServerDriver(Driver):
 
     async def close(self, conn: ServerConnection) -> None:
         conn.terminate()
+        conn.release_budgets()
 
     def terminate(self, conn: ServerConnection) -> None:
         conn.abort("terminated by the pool")
+        conn.release_budgets()
 
     def mark_dirty(self, conn: ServerConnection) -> None:
         pass

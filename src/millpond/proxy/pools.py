@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from time import monotonic
 from typing import Any
 
@@ -86,6 +86,9 @@ class ServerPool(Pool):
         self.mode = mode
         self.server_driver = driver
         self.counters = PoolCounters()
+        self.base_size = self.config.max_size
+        self.reserve = 0  # reserve_pool_size
+        self.reserve_timeout = 5.0  # reserve_pool_timeout
         self.paused = False
         self.session_pinning = "pin"
         #: rewrite named prepared statements (transaction/statement modes; PgBouncer 1.21+)
@@ -129,6 +132,27 @@ class ServerPool(Pool):
         self._core.counters.timeouts += 1
         self.cancel_wait(handle)
 
+    def use_reserve(self, now: float) -> None:
+        """reserve_pool_size: a client waited past reserve_pool_timeout, so allow more."""
+        if not self.reserve or self.config.max_size > self.base_size:
+            return
+        oldest = min((w.since for w in self._core.waiters), default=now)
+        if now - oldest < self.reserve_timeout:
+            return
+        self._resize(self.base_size + self.reserve)
+        self._core.retry_connects(now)
+        self._flush()
+
+    def drop_reserve(self) -> None:
+        """Nobody waits: back to pool_size (extra connections go as they idle out)."""
+        if self.config.max_size > self.base_size and not self._core.waiters:
+            self._resize(self.base_size)
+
+    def _resize(self, size: int) -> None:
+        config = replace(self.config, max_size=size)
+        self.config = config
+        self._core.config = config
+
     def reconnect(self) -> None:
         """Close idle server connections now, and lent ones when they come back."""
         core = self._core
@@ -145,6 +169,7 @@ class ServerPool(Pool):
         config = PoolConfig(**settings)
         self.config = config
         self._core.config = config
+        self.base_size = config.max_size
 
     def give(self, slot: Slot) -> None:
         """Return a server connection (synchronously; resets run in the background)."""

@@ -16,8 +16,15 @@ from millpond.pool.state import Slot
 from millpond.proxy import login
 from millpond.proxy.auth import error_no_such_user
 from millpond.proxy.backend import TRACKED_PARAMS, ServerDriver
-from millpond.proxy.config import DatabaseEntry, ProxyConfig, ProxySettings, load_config
+from millpond.proxy.config import (
+    DatabaseEntry,
+    ProxyConfig,
+    ProxySettings,
+    UserEntry,
+    load_config,
+)
 from millpond.proxy.frontend import ClientConnection, ClientState
+from millpond.proxy.limits import Budget, Budgets
 from millpond.proxy.pools import ServerPool, pool_mode, pool_settings, server_target
 from millpond.proxy.prepared import Registry
 from millpond.proxy.protocol import messages as m
@@ -52,6 +59,7 @@ class Proxy:
         self.paused_databases: set[str] = set()
         self.stats_server: Any = None
         self.stats_logger: Any = None
+        self.budgets = Budgets()  # max_db_connections / max_user_connections
         self.registry = Registry()  # server-side names of prepared statements
         self.looked_up: dict[str, str] = {}  # secrets found by auth_query, by user
         self._pending_release: dict[int, tuple[ServerPool, Slot]] = {}
@@ -166,8 +174,13 @@ class Proxy:
             await self.stats_server.close()
 
     def _sweep(self) -> None:
-        """PgBouncer's client-side timeouts, checked twice a second."""
+        """PgBouncer's timeouts and the reserve pool, checked twice a second."""
         now = monotonic()
+        for pool in self.pools.values():
+            if pool._core.waiters:
+                pool.use_reserve(now)
+            else:
+                pool.drop_reserve()
         for client in list(self.clients):
             if client._wait is not None and client.pool is not None:
                 limit = client.pool.config.acquire_timeout  # query_wait_timeout
@@ -316,6 +329,7 @@ class Proxy:
             reset_query=s.server_reset_query,
             check_query=s.server_check_query,
             reset_always=mode == "session" or s.server_reset_query_always,
+            budgets=self._budgets_for(db, database, user),
         )
         pool = ServerPool(
             database=database,
@@ -326,9 +340,22 @@ class Proxy:
         )
         pool.paused = self.paused or database in self.paused_databases
         pool.session_pinning = db.session_pinning or s.session_pinning
+        pool.reserve = _reserve_size(db, user_entry, s.reserve_pool_size)
+        pool.reserve_timeout = s.reserve_pool_timeout
         pool.start()
         self.pools[key] = pool
         return pool
+
+    def _budgets_for(self, db: DatabaseEntry, database: str, user: str) -> tuple[Budget, ...]:
+        s = self.config.settings
+        entry = self.config.users.get(user)
+        db_limit = (
+            db.max_db_connections if db.max_db_connections is not None else s.max_db_connections
+        )
+        user_limit = s.max_user_connections
+        if entry is not None and entry.max_user_connections is not None:
+            user_limit = entry.max_user_connections
+        return self.budgets.for_pool(database, db_limit, db.user or user, user_limit)
 
     def _server_secret(self, db: DatabaseEntry, user: str) -> str | None:
         """The auth file's secret for the server login (used when the entry has none)."""
@@ -425,6 +452,14 @@ class Proxy:
         parked, self.parked = self.parked, []
         for client in parked:
             client.resume_from_pause()
+
+
+def _reserve_size(db: DatabaseEntry, user: UserEntry | None, default: int) -> int:
+    if db.reserve_pool_size is not None:
+        return db.reserve_pool_size
+    if user is not None and user.reserve_pool_size is not None:
+        return user.reserve_pool_size
+    return default
 
 
 def _timed_out(client: ClientConnection, s: ProxySettings, now: float) -> str | None:
