@@ -7,6 +7,7 @@ PgBouncer-compatible pooling proxy (``millpond proxy``), built on one pool core.
 from millpond.config import PoolConfig
 from millpond.errors import (
     CircuitOpen,
+    CommitUnknown,
     ConfigError,
     DatabaseUnavailable,
     MillpondError,
@@ -17,12 +18,24 @@ from millpond.errors import (
     ProtocolError,
 )
 from millpond.pool import CloseReason, Pool, PoolStats, SlotState, create_pool
+from millpond.resilience import (
+    Backoff,
+    BreakerState,
+    CircuitBreaker,
+    RetryPolicy,
+    is_retryable,
+    retry_call,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backoff",
+    "BreakerState",
+    "CircuitBreaker",
     "CircuitOpen",
     "CloseReason",
+    "CommitUnknown",
     "ConfigError",
     "DatabaseUnavailable",
     "MillpondError",
@@ -34,7 +47,10 @@ __all__ = [
     "PoolStats",
     "PoolTimeout",
     "ProtocolError",
+    "RetryPolicy",
     "SlotState",
     "__version__",
     "create_pool",
+    "is_retryable",
+    "retry_call",
 ]

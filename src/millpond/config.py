@@ -70,6 +70,13 @@ class PoolConfig:
     reconnect_delay: float = 0.1
     #: longest delay between failed connection attempts
     reconnect_delay_max: float = 5.0
+    #: consecutive failed connection rounds that open the circuit breaker; 0 disables it
+    breaker_threshold: int = 5
+    #: least time the breaker stays open before a trial connection (it also waits out
+    #: the reconnect backoff)
+    breaker_recovery: float = 1.0
+    #: trial connections that must succeed, half-open, before the breaker closes
+    breaker_probes: int = 1
 
     def __post_init__(self) -> None:
         _int_at_least("min_size", self.min_size, 0)
@@ -93,6 +100,13 @@ class PoolConfig:
             if getattr(self, name) is None:
                 raise ConfigError(name, "must be a number of seconds; None is not allowed")
         _int_at_least("max_concurrent_connects", self.max_concurrent_connects, 1)
+        _int_at_least("breaker_threshold", self.breaker_threshold, 0)
+        _positive_or_none("breaker_recovery", self.breaker_recovery, allow_zero=True)
+        if self.breaker_recovery is None:
+            raise ConfigError(
+                "breaker_recovery", "must be a number of seconds; None is not allowed"
+            )
+        _int_at_least("breaker_probes", self.breaker_probes, 1)
         if self.reset not in ("auto", "always"):
             raise ConfigError("reset", f"must be 'auto' or 'always', got {self.reset!r}")
 

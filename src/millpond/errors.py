@@ -65,5 +65,12 @@ class CircuitOpen(DatabaseUnavailable):
     """The circuit breaker is open: the database failed recently, so fail fast."""
 
 
+class CommitUnknown(MillpondError):
+    """The connection was lost while COMMIT was under way: the transaction may or may not
+    have been committed. Never retried; the driver's error is chained as ``__cause__``.
+    Check the data (or make the transaction idempotent) before running it again.
+    """
+
+
 class ProtocolError(MillpondError):
     """A peer sent bytes that break the PostgreSQL wire protocol."""

@@ -285,3 +285,21 @@ def test_psycopg_client_side_settings_do_not_leak(pg_dsn: str) -> None:
             assert pool.stats().resets == 1
 
     run(main())
+
+
+def test_psycopg_prepared_statements_survive_repeated_resets(pg_dsn: str) -> None:
+    """psycopg forgets its prepared statements on DISCARD ALL only the first time it
+    sees one; every later reset must still leave no stale statement names behind."""
+
+    async def main() -> None:
+        async with millpond.create_pool(pg_dsn, driver="psycopg", min_size=1, max_size=1) as pool:
+            for i in range(12):
+                async with pool.acquire() as conn:
+                    await conn.execute("SET application_name = 'resets'")  # reset on release
+                    cur = await conn.execute("SELECT %s::int", (i,))  # prepared after 5 runs
+                    assert (await cur.fetchone())[0] == i
+            s = pool.stats()
+            assert s.resets == 12
+            assert s.connections_closed_total == 0
+
+    run(main())

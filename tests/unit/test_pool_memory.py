@@ -156,8 +156,12 @@ def test_connect_failure_at_open_is_clear() -> None:
 
 
 def test_waiters_fail_fast_when_database_is_down() -> None:
+    # Waiters are failed by the circuit breaker (test_resilience_pool.py covers its
+    # defaults); with a threshold of one round it opens on the first failed connect.
     async def main() -> None:
-        async with mem_pool(min_size=0, max_size=2, acquire_timeout=5) as pool:
+        async with mem_pool(
+            min_size=0, max_size=2, acquire_timeout=5, breaker_threshold=1, breaker_recovery=0.1
+        ) as pool:
             driver_of(pool).down = True
             started = asyncio.get_running_loop().time()
             with pytest.raises(DatabaseUnavailable) as info:

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from millpond.drivers.base import Driver, leaves_session_state
+from millpond.drivers.base import Driver, describe, leaves_session_state
 from millpond.errors import DatabaseUnavailable
 from millpond.pool.core import Release
 
@@ -32,6 +32,41 @@ CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
 )
+
+
+#: Errors that end the session: admin_shutdown, crash_shutdown, cannot_connect_now.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
+#: asyncpg's complaint when its protocol is stuck in "error consume" (state 2).
+_ERROR_CONSUME = "another operation (2) is in progress"
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Does ``exc`` (from asyncpg) say the connection to the server is gone?
+
+    Only asyncpg's own errors count (it wraps socket errors during queries): an
+    ``OSError`` raised by other code in the borrower's block says nothing about us.
+    """
+    if isinstance(exc, asyncpg.PostgresConnectionError):  # class 08
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return getattr(exc, "sqlstate", None) in _SESSION_ENDED
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        return never_sent(exc)
+    return False
+
+
+def never_sent(exc: BaseException) -> bool:
+    """asyncpg refused to send: the connection was closed, or was told it is ending.
+
+    The second case is a race the pool cannot see: a server ending a session sends
+    FATAL, then closes the socket. If the event loop reads the FATAL in one iteration
+    and the close in the next, asyncpg parks the idle connection in its internal
+    "error consume" state (2) in between, where it still looks connected, and the
+    next statement fails with InternalClientError before anything is written.
+    """
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "connection is closed" in str(exc)
+    return isinstance(exc, asyncpg.InternalClientError) and _ERROR_CONSUME in str(exc)
 
 
 class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -68,12 +103,12 @@ class AsyncpgDriver(Driver):
         try:
             return await asyncpg.connect(self.dsn, timeout=timeout, **kwargs)
         except CONNECT_ERRORS as exc:
-            raise DatabaseUnavailable(f"asyncpg could not connect: {exc}") from exc
+            raise DatabaseUnavailable(f"asyncpg could not connect: {describe(exc)}") from exc
 
     def verdict(self, conn: Any) -> Release:
         proto = conn._protocol
         if conn._aborted or proto is None or not proto.is_connected():
-            return Release.BROKEN
+            return Release.LOST
         if (
             conn._millpond_dirty
             or proto.is_in_transaction()
@@ -109,6 +144,12 @@ class AsyncpgDriver(Driver):
 
     def mark_clean(self, conn: Any) -> None:
         conn._millpond_dirty = False
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        return is_disconnect(exc)
+
+    def never_sent(self, exc: BaseException) -> bool:
+        return never_sent(exc)
 
     def fetch(self, conn: Any, query: str, args: Sequence[Any], timeout: float | None) -> Any:
         return conn.fetch(query, *args, timeout=timeout)

@@ -60,6 +60,16 @@ def leaves_session_state_bytes(query: bytes) -> bool:
     return hit
 
 
+def describe(exc: BaseException) -> str:
+    """An error's message, or its type when it has none (a bare TimeoutError)."""
+    return str(exc).strip() or type(exc).__name__
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """Driver-independent: a socket-level error (not a timeout) means the link is gone."""
+    return isinstance(exc, OSError) and not isinstance(exc, TimeoutError)
+
+
 class Driver(abc.ABC):
     """One adapter per driver. Stateless apart from its connect arguments."""
 
@@ -106,6 +116,16 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def mark_clean(self, conn: Any) -> None:
         """The connection's present state is its baseline (after ``on_connect``)."""
+
+    # -- error classification (no I/O) -------------------------------------------
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        """Does ``exc`` say the connection to the server is gone (not a timeout)?"""
+        return lost_connection(exc)
+
+    def never_sent(self, exc: BaseException) -> bool:
+        """Was ``exc`` raised before the statement left the client (safe to resend)?"""
+        return False
 
     # -- the everyday API, in the driver's own placeholder style ------------------
 

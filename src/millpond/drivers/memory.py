@@ -81,7 +81,7 @@ class MemoryDriver(Driver):
 
     def verdict(self, conn: MemoryConnection) -> Release:
         if not conn.alive or conn.closed:
-            return Release.BROKEN
+            return Release.LOST
         if conn.dirty or conn.in_transaction:
             return Release.DIRTY
         return Release.CLEAN

@@ -18,13 +18,45 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from millpond.drivers.base import Driver, leaves_session_state_bytes
+from millpond.drivers.base import Driver, describe, leaves_session_state_bytes
 from millpond.errors import DatabaseUnavailable
 from millpond.pool.core import Release
+from millpond.resilience.timeouts import hard_timeout
 
 _OK = pq.ConnStatus.OK
 _IDLE = pq.TransactionStatus.IDLE
 _IN_TX = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+
+#: Errors that end the session: admin_shutdown, crash_shutdown, cannot_connect_now.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Does ``exc`` (from psycopg) say the connection to the server is gone?
+
+    Only psycopg's own errors count (it wraps socket errors): an ``OSError`` raised by
+    other code in the borrower's block says nothing about the connection.
+    """
+    if isinstance(exc, psycopg.errors.CancellationTimeout):
+        return False
+    if isinstance(exc, psycopg.OperationalError):
+        code = exc.sqlstate
+        if code is not None:
+            return code.startswith("08") or code in _SESSION_ENDED
+        # Raised by the client itself: "server closed the connection unexpectedly",
+        # "consuming input failed", "the connection is closed", ...
+        pgconn = exc.pgconn
+        return pgconn is None or pgconn.status != _OK
+    return False
+
+
+def never_sent(exc: BaseException) -> bool:
+    """psycopg refused to send because the connection was already closed."""
+    return (
+        isinstance(exc, psycopg.OperationalError)
+        and exc.sqlstate is None
+        and str(exc) == "the connection is closed"
+    )
 
 
 class _Watch:
@@ -82,7 +114,7 @@ class PsycopgDriver(Driver):
             async with asyncio.timeout(timeout):
                 conn = await PooledConnection.connect(self.dsn or "", **kwargs)
         except (psycopg.OperationalError, OSError, TimeoutError) as exc:
-            raise DatabaseUnavailable(f"psycopg could not connect: {exc}") from exc
+            raise DatabaseUnavailable(f"psycopg could not connect: {describe(exc)}") from exc
         conn.cursor_factory = PooledCursor
         conn.server_cursor_factory = PooledServerCursor
         conn._millpond_remember()
@@ -91,7 +123,7 @@ class PsycopgDriver(Driver):
     def verdict(self, conn: Any) -> Release:
         pgconn = conn.pgconn
         if pgconn.status != _OK:
-            return Release.BROKEN
+            return Release.LOST
         status = pgconn.transaction_status
         if status == _IDLE:
             if conn._millpond_dirty or conn._millpond_changed():
@@ -127,8 +159,8 @@ class PsycopgDriver(Driver):
         await conn.set_deferrable(None)
         conn.row_factory = conn._millpond_row_factory
         conn.prepare_threshold = conn._millpond_prepare_threshold
-        # psycopg notices DISCARD ALL and forgets its own prepared statements.
-        await conn.execute("DISCARD ALL")
+        await conn.execute("DISCARD ALL", prepare=False)
+        _forget_prepared(conn)
         conn._millpond_dirty = False
 
     async def ping(self, conn: Any) -> None:
@@ -147,10 +179,19 @@ class PsycopgDriver(Driver):
         conn._millpond_dirty = False
         conn._millpond_remember()
 
+    def is_disconnect(self, exc: BaseException) -> bool:
+        return is_disconnect(exc)
+
+    def never_sent(self, exc: BaseException) -> bool:
+        return never_sent(exc)
+
+    # Query timeouts use hard_timeout: psycopg absorbs the first cancellation to cancel
+    # the query politely (up to 10 s on a dead network); a second one drops the link.
+
     async def fetch(
         self, conn: Any, query: str, args: Sequence[Any], timeout: float | None
     ) -> list[Any]:
-        async with asyncio.timeout(timeout):
+        async with hard_timeout(timeout):
             cur = await conn.execute(query, args or None)
             rows: list[Any] = await cur.fetchall()
             return rows
@@ -158,14 +199,14 @@ class PsycopgDriver(Driver):
     async def fetchrow(
         self, conn: Any, query: str, args: Sequence[Any], timeout: float | None
     ) -> Any:
-        async with asyncio.timeout(timeout):
+        async with hard_timeout(timeout):
             cur = await conn.execute(query, args or None)
             return await cur.fetchone()
 
     async def fetchval(
         self, conn: Any, query: str, args: Sequence[Any], column: int, timeout: float | None
     ) -> Any:
-        async with asyncio.timeout(timeout):
+        async with hard_timeout(timeout):
             cur = await conn.execute(query, args or None)
             row = await cur.fetchone()
             return None if row is None else row[column]
@@ -173,14 +214,14 @@ class PsycopgDriver(Driver):
     async def execute(
         self, conn: Any, query: str, args: Sequence[Any], timeout: float | None
     ) -> str:
-        async with asyncio.timeout(timeout):
+        async with hard_timeout(timeout):
             cur = await conn.execute(query, args or None)
             return str(cur.statusmessage or "")
 
     async def executemany(
         self, conn: Any, query: str, args: Iterable[Sequence[Any]], timeout: float | None
     ) -> None:
-        async with asyncio.timeout(timeout), conn.cursor() as cur:
+        async with hard_timeout(timeout), conn.cursor() as cur:
             await cur.executemany(query, args)
 
     def transaction(
@@ -190,6 +231,19 @@ class PsycopgDriver(Driver):
             tx: AbstractAsyncContextManager[Any] = conn.transaction()
             return tx
         return _begin(conn, _begin_sql(isolation, readonly, deferrable))
+
+
+def _forget_prepared(conn: Any) -> None:
+    """DISCARD ALL dropped the server's prepared statements: make psycopg forget them.
+
+    psycopg clears its cache on DISCARD ALL only the first time a connection runs it
+    (later runs are cache hits and skip the check), and would then execute statements
+    the server no longer has: "prepared statement _pg3_0 does not exist".
+    """
+    prepared = conn._prepared
+    prepared._counts.clear()
+    prepared._names.clear()
+    prepared._to_flush.clear()
 
 
 def _begin_sql(isolation: str | None, readonly: bool, deferrable: bool) -> str:

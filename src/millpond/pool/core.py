@@ -9,7 +9,11 @@ Invariants:
 - every live slot is in exactly one of: the idle stack, lent out, or under way
   (connecting, checking, resetting);
 - a waiter is served first-in first-out and gets its slot by direct hand-off: a
-  released connection never passes through the idle stack while someone waits.
+  released connection never passes through the idle stack while someone waits;
+- connection attempts start only outside a backoff window, at most
+  ``max_concurrent_connects`` at a time, and only when the circuit breaker admits them;
+- while the breaker is open and no connection is up to wait for, a caller that would
+  wait is refused at once: its future fails with CircuitOpen (no suspension).
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from collections.abc import Callable
 from typing import Any
 
 from millpond.config import PoolConfig
-from millpond.errors import DatabaseUnavailable, PoolClosed, PoolOverloaded
+from millpond.errors import CircuitOpen, DatabaseUnavailable, PoolClosed, PoolOverloaded
 from millpond.pool.state import LIVE_STATES, CloseReason, Slot, SlotState
 from millpond.pool.stats import Counters, PoolStats, closed_mapping
+from millpond.resilience.backoff import Backoff
+from millpond.resilience.breaker import BreakerState, CircuitBreaker, StateHook
 
 S = SlotState
 
@@ -42,7 +48,13 @@ class Release(enum.Enum):
 
     CLEAN = "clean"  # reusable as is: zero round trips
     DIRTY = "dirty"  # open transaction or session state: reset first
-    BROKEN = "broken"  # dead or mid-protocol: close it
+    BROKEN = "broken"  # mid-protocol or unusable: close it
+    LOST = "lost"  # the connection to the server is gone: close it, and every older idle one
+
+
+# Module-level aliases: the release fast path compares against them.
+_CLEAN = Release.CLEAN
+_DIRTY = Release.DIRTY
 
 
 class Waiter:
@@ -65,11 +77,13 @@ class PoolCore:
         name: str = "pool",
         is_alive: Callable[[Any], bool] = lambda conn: True,
         rng: Callable[[], float] = random.random,
+        on_breaker_change: StateHook | None = None,
     ) -> None:
         self.config = config
         self.name = name
         self._is_alive = is_alive
         self._rng = rng
+        self._on_breaker_change = on_breaker_change
         self.idle: deque[Slot] = deque()
         self.waiters: deque[Waiter] = deque()
         self.slots: dict[int, Slot] = {}
@@ -80,8 +94,18 @@ class PoolCore:
         self.connecting = 0
         self.replacing = 0
         self.last_connect_error: BaseException | None = None
+        self.backoff = Backoff(config.reconnect_delay, config.reconnect_delay_max)
         self.backoff_until = 0.0
-        self._backoff = 0.0
+        self.failed_rounds = 0  # consecutive backoff windows opened by failed connects
+        self.breaker: CircuitBreaker | None = None
+        if config.breaker_threshold:
+            self.breaker = CircuitBreaker(
+                threshold=config.breaker_threshold,
+                recovery=config.breaker_recovery,
+                probes=config.breaker_probes,
+                name=name,
+                on_change=self._breaker_changed,
+            )
         self._next_id = 0
 
     # -- lending ---------------------------------------------------------------
@@ -118,6 +142,10 @@ class PoolCore:
         """Queue a caller for the next free connection (after acquire_nowait failed)."""
         if self.closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
+        if self._fails_fast(now):
+            self.counters.breaker_rejected += 1
+            future.set_exception(self._circuit_open(now))
+            return Waiter(future, now)
         limit = self.config.max_waiting
         if limit and len(self.waiters) >= limit:
             self.counters.rejected += 1
@@ -140,15 +168,15 @@ class PoolCore:
         """Take a connection back from its borrower and decide what it needs."""
         self.counters.use_time.record(now - slot.acquired_at)
         slot.lease_site = None
-        if verdict is Release.BROKEN:
+        if verdict is not _CLEAN and verdict is not _DIRTY:  # broken or lost
             self._discard(slot, CloseReason.BROKEN, now)
-            self._want_connections(now)
+            self._after_loss(slot, verdict is Release.LOST, now)
             return
         reason = self._retire_reason(slot, now)
         if reason is not None:
             self._retire(slot, reason)
             self._want_connections(now)
-        elif verdict is Release.DIRTY or self.config.reset == "always":
+        elif verdict is _DIRTY or self.config.reset == "always":
             slot.move(S.RESETTING)
             self.counters.resets += 1
             self.todo.append((Act.RESET, slot, None))
@@ -196,7 +224,10 @@ class PoolCore:
         self.connecting -= 1
         self.counters.opened += 1
         self.last_connect_error = None
-        self._backoff = 0.0
+        self.failed_rounds = 0
+        self.backoff_until = 0.0  # the database is back: refill at once
+        if self.breaker is not None:
+            self.breaker.record_success(now)
         if self.closed:
             self._retire(slot, CloseReason.POOL_CLOSED)
             return True
@@ -208,50 +239,118 @@ class PoolCore:
         return True
 
     def connect_failed(self, slot: Slot, error: BaseException, now: float) -> float:
-        """Record a failed attempt; return the backoff delay before the next one."""
-        if slot.state is S.CLOSED:
+        """Record a failed attempt; return how long until the next one may start.
+
+        The first failure after a backoff window has passed opens the next window
+        (and counts once towards the breaker); attempts that were made together and
+        fail inside that window count no further.
+        """
+        if not self._connect_ended(slot):
             return 0.0
+        self.counters.connect_errors += 1
+        self.last_connect_error = error
+        breaker = self.breaker
+        if now >= self.backoff_until:
+            self.backoff_until = now + self.backoff.delay(self.failed_rounds, self._rng)
+            self.failed_rounds += 1
+            if breaker is not None:
+                breaker.record_failure(_driver_error(error), now)
+        elif breaker is not None:
+            breaker.record_ignored()
+        self._settle_waiters(now)
+        return self.next_attempt_at() - now
+
+    def connect_cancelled(self, slot: Slot) -> None:
+        """A connect was cancelled (the pool is closing): no verdict on the database."""
+        if self._connect_ended(slot) and self.breaker is not None:
+            self.breaker.record_ignored()
+
+    def _connect_ended(self, slot: Slot) -> bool:
+        if slot.state is S.CLOSED:
+            return False
         self.connecting -= 1
         self.replacing = min(self.replacing, self.connecting)
         self._remove(slot, S.BROKEN)
         self.close_done(slot)  # nothing to close: there is no connection
-        self.counters.connect_errors += 1
-        self.last_connect_error = error
-        cfg = self.config
-        self._backoff = min(cfg.reconnect_delay_max, max(cfg.reconnect_delay, self._backoff * 2))
-        delay = self._backoff * (0.5 + self._rng() / 2)
-        self.backoff_until = now + delay
-        if self.live == 0:
-            self._fail_waiters(error)
-        return delay
+        return True
 
-    def _fail_waiters(self, error: BaseException) -> None:
-        # Chain the driver's own error, not the adapter's wrapper around it.
-        cause = error.__cause__ if isinstance(error, DatabaseUnavailable) else error
+    def next_attempt_at(self) -> float:
+        """When the next connection attempt may start (backoff window, open breaker)."""
+        breaker = self.breaker
+        if breaker is not None and breaker.state is BreakerState.OPEN:
+            return max(self.backoff_until, breaker.retry_at)
+        return self.backoff_until
+
+    # -- the circuit breaker -----------------------------------------------------------
+
+    def _fails_fast(self, now: float) -> bool:
+        """Open breaker, nothing up to wait for, no trial due yet: refuse, don't queue."""
+        breaker = self.breaker
+        return (
+            breaker is not None
+            and breaker.state is BreakerState.OPEN
+            and self.live == self.connecting
+            and now < self.next_attempt_at()
+        )
+
+    def _circuit_open(self, now: float) -> CircuitOpen:
+        breaker = self.breaker
+        assert breaker is not None
+        error = breaker.last_error
+        exc = CircuitOpen(
+            f"pool {self.name!r}: database unavailable (circuit breaker open after "
+            f"{breaker.threshold} failed connection rounds; next attempt in "
+            f"{max(0.0, self.next_attempt_at() - now):.2f}s): {error}"
+        )
+        exc.__cause__ = error
+        return exc
+
+    def _settle_waiters(self, now: float) -> None:
+        """Fail every waiter at once if the breaker says none of them can be served."""
+        if not self.waiters or not self._fails_fast(now):
+            return
         while self.waiters:
             future = self.waiters.popleft().future
             if not future.done():
-                exc = DatabaseUnavailable(f"pool {self.name!r}: {error}")
-                exc.__cause__ = cause or error
-                future.set_exception(exc)
+                self.counters.breaker_rejected += 1
+                future.set_exception(self._circuit_open(now))
 
-    def reset_done(self, slot: Slot, ok: bool, now: float) -> None:
+    def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
+        if self._on_breaker_change is not None:
+            self._on_breaker_change(old, new)
+
+    # -- losses ------------------------------------------------------------------------
+
+    def _after_loss(self, slot: Slot, lost: bool, now: float) -> None:
+        """``slot`` was discarded; if its server connection was lost, so are older ones."""
+        if lost:
+            self._retire_stale(slot.created_at, now)
+        self._want_connections(now)
+        self._settle_waiters(now)
+
+    def _retire_stale(self, created_at: float, now: float) -> None:
+        """Retire every idle connection created no later than ``created_at``."""
+        for slot in [s for s in self.idle if s.created_at <= created_at]:
+            self.idle.remove(slot)
+            self._discard(slot, CloseReason.STALE, now)
+
+    def reset_done(self, slot: Slot, ok: bool, now: float, *, lost: bool = False) -> None:
         if slot.state is S.CLOSED:
             return
         if not ok:
             self._discard(slot, CloseReason.RESET_FAILED, now)
-            self._want_connections(now)
+            self._after_loss(slot, lost, now)
         elif self.closed:
             self._retire(slot, CloseReason.POOL_CLOSED)
         else:
             self._put_back(slot, now)
 
-    def check_done(self, slot: Slot, ok: bool, now: float) -> None:
+    def check_done(self, slot: Slot, ok: bool, now: float, *, lost: bool = False) -> None:
         if slot.state is S.CLOSED:
             return
         if not ok:
             self._discard(slot, CloseReason.HEALTH_CHECK, now)
-            self._want_connections(now)
+            self._after_loss(slot, lost, now)
         elif self.closed:
             self._retire(slot, CloseReason.POOL_CLOSED)
         else:
@@ -288,7 +387,13 @@ class PoolCore:
         want = max(cfg.min_size - self.live, len(self.waiters) - self.connecting)
         room = min(cfg.max_size - self.live, cfg.max_concurrent_connects - self.connecting)
         for _ in range(min(want, room)):
+            if not self._admit_connect(now):
+                return
             self._new_slot(now)
+
+    def _admit_connect(self, now: float) -> bool:
+        breaker = self.breaker
+        return breaker is None or (breaker.would_allow(now) and breaker.allow(now))
 
     def _new_slot(self, now: float) -> None:
         self._next_id += 1
@@ -356,9 +461,13 @@ class PoolCore:
         for slot in self.idle:
             if slot.retire is None and now >= slot.expires_at:
                 slot.retire = CloseReason.LIFETIME
+        if now < self.backoff_until:
+            return  # no replacements while the database is failing
         pending = sum(1 for s in self.idle if s.retire is not None)
         room = self.config.max_concurrent_connects - self.connecting
         for _ in range(max(0, min(room, pending - self.replacing))):
+            if not self._admit_connect(now):
+                return
             self._new_slot(now)
             self.replacing += 1
 
@@ -425,8 +534,23 @@ class PoolCore:
             oldest_lease_age=oldest,
             wait_time=c.wait_time.snapshot(),
             use_time=c.use_time.snapshot(),
+            breaker_state=self.breaker.state.value if self.breaker else "disabled",
+            breaker_opened=self.breaker.opened if self.breaker else 0,
+            breaker_rejected=c.breaker_rejected,
+            retries=c.retries,
+            retry_giveups=c.retry_giveups,
         )
 
     def describe(self) -> str:
         size = f"{self.live}/{self.config.max_size}"
-        return f"size={size} idle={len(self.idle)} waiting={len(self.waiters)}"
+        text = f"size={size} idle={len(self.idle)} waiting={len(self.waiters)}"
+        if self.breaker is not None and self.breaker.state is not BreakerState.CLOSED:
+            text += f" breaker={self.breaker.state.value}"
+        return text
+
+
+def _driver_error(error: BaseException) -> BaseException:
+    """The driver's own error behind the adapter's DatabaseUnavailable wrapper."""
+    if isinstance(error, DatabaseUnavailable) and error.__cause__ is not None:
+        return error.__cause__
+    return error

@@ -57,7 +57,7 @@ class AcquireContext:
     ) -> None:
         slot, self._slot = self._slot, None
         if slot is not None:
-            await self._pool._return(slot)
+            await self._pool._return(slot, exc)
 
     def __await__(self) -> Generator[Any, None, Any]:
         self._awaited = True

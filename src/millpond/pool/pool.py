@@ -8,28 +8,50 @@ connection and releasing a clean one never yields to the event loop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from time import monotonic
-from typing import Any
+from typing import Any, TypeVar
 
 from millpond.config import PoolConfig
 from millpond.drivers import Driver, get_driver
-from millpond.errors import ConfigError, DatabaseUnavailable, PoolClosed, PoolTimeout
-from millpond.pool.core import Act, PoolCore
+from millpond.drivers.base import lost_connection
+from millpond.errors import (
+    CommitUnknown,
+    ConfigError,
+    DatabaseUnavailable,
+    PoolClosed,
+    PoolTimeout,
+)
+from millpond.pool import transact
+from millpond.pool.core import Act, PoolCore, Release
 from millpond.pool.janitor import Janitor
 from millpond.pool.lease import AcquireContext, capture_site, format_site
 from millpond.pool.state import CloseReason, Slot
 from millpond.pool.stats import PoolStats
+from millpond.resilience.breaker import BreakerState
+from millpond.resilience.retry import RetryPolicy
+from millpond.resilience.timeouts import hard_timeout
 
 log = logging.getLogger("millpond.pool")
 
+T = TypeVar("T")
+
 Hook = Callable[[Any], Awaitable[Any]]
+#: ``on_breaker_change(old, new)``: a plain function or a coroutine function.
+BreakerHook = Callable[[BreakerState, BreakerState], Any]
 
 # Reasons for which a connection is dropped at once rather than closed politely.
 _ABRUPT = frozenset(
-    {CloseReason.BROKEN, CloseReason.RESET_FAILED, CloseReason.HEALTH_CHECK, CloseReason.LEAKED}
+    {
+        CloseReason.BROKEN,
+        CloseReason.RESET_FAILED,
+        CloseReason.HEALTH_CHECK,
+        CloseReason.LEAKED,
+        CloseReason.STALE,
+    }
 )
 
 
@@ -57,6 +79,7 @@ class Pool:
         on_acquire: Hook | None = None,
         on_release: Hook | None = None,
         on_close: Hook | None = None,
+        on_breaker_change: BreakerHook | None = None,
         **settings: Any,
     ) -> None:
         unknown = set(settings) - PoolConfig.setting_names()
@@ -75,7 +98,13 @@ class Pool:
         self._on_acquire = on_acquire
         self._on_release = on_release
         self._on_close = on_close
-        self._core = PoolCore(self.config, name=self.name, is_alive=self.driver.is_alive)
+        self._on_breaker_change = on_breaker_change
+        self._core = PoolCore(
+            self.config,
+            name=self.name,
+            is_alive=self.driver.is_alive,
+            on_breaker_change=self._breaker_changed,
+        )
         self._janitor = Janitor(self.name, self._housekeep, _janitor_interval(self.config))
         self._by_conn: dict[int, Slot] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -218,6 +247,8 @@ class Pool:
         waiter = core.wait(future, monotonic())
         if core.todo:
             self._flush()
+        if future.done():  # refused at once: the circuit breaker is open
+            return future.result()
         limit = self.config.acquire_timeout if timeout is None else timeout
         timer = loop.call_later(limit, self._expire_waiter, future, limit)
         try:
@@ -246,7 +277,7 @@ class Pool:
             )
         )
 
-    async def _return(self, slot: Slot) -> None:
+    async def _return(self, slot: Slot, error: BaseException | None = None) -> None:
         if self._on_release is not None:
             try:
                 await self._on_release(slot.conn)
@@ -254,15 +285,39 @@ class Pool:
                 log.exception("pool %r: on_release hook failed; resetting connection", self.name)
                 self.driver.mark_dirty(slot.conn)
             finally:
-                self._give_back(slot)
+                self._give_back(slot, error)
         else:
-            self._give_back(slot)
+            self._give_back(slot, error)
 
-    def _give_back(self, slot: Slot) -> None:
+    def _give_back(self, slot: Slot, error: BaseException | None = None) -> None:
+        """Return ``slot``; ``error`` is what the borrower's block raised, if anything."""
         core = self._core
-        core.release(slot, self.driver.verdict(slot.conn), monotonic())
+        verdict = self.driver.verdict(slot.conn)
+        if error is not None:
+            verdict = self._verdict_after(slot, error, verdict)
+        core.release(slot, verdict, monotonic())
         if core.todo:
             self._flush()
+
+    def _verdict_after(self, slot: Slot, error: BaseException, verdict: Release) -> Release:
+        """Refine the driver's verdict with what the borrower's block raised."""
+        if isinstance(error, TimeoutError | asyncio.CancelledError):
+            # Closed by the client giving up (psycopg drops a connection whose query
+            # would not cancel), not lost by the server: no reason to doubt the others.
+            return Release.BROKEN if verdict is Release.LOST else verdict
+        if verdict is Release.LOST or not self._lost(error):
+            return verdict
+        # A bare socket error may come from other code in the block: believe it only
+        # if the connection agrees.
+        if lost_connection(error) and self.driver.is_alive(slot.conn):
+            return verdict
+        return Release.LOST
+
+    def _lost(self, error: BaseException) -> bool:
+        """Does ``error`` say the server connection is gone (CommitUnknown: its cause)?"""
+        if isinstance(error, CommitUnknown) and error.__cause__ is not None:
+            error = error.__cause__
+        return self.driver.is_disconnect(error)
 
     def _reclaim(self, slot: Slot) -> None:
         """A lease was garbage collected unreleased: take the connection back."""
@@ -279,33 +334,43 @@ class Pool:
         slot = (self._plain and self._take_nowait()) or await self._lease(None)
         try:
             rows: list[Any] = await self.driver.fetch(slot.conn, query, args, timeout)
-            return rows
-        finally:
-            await self._return(slot) if not self._plain else self._give_back(slot)
+        except BaseException as exc:
+            await self._return(slot, exc)
+            raise
+        await self._return(slot) if not self._plain else self._give_back(slot)
+        return rows
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
         slot = (self._plain and self._take_nowait()) or await self._lease(None)
         try:
-            return await self.driver.fetchrow(slot.conn, query, args, timeout)
-        finally:
-            await self._return(slot) if not self._plain else self._give_back(slot)
+            row = await self.driver.fetchrow(slot.conn, query, args, timeout)
+        except BaseException as exc:
+            await self._return(slot, exc)
+            raise
+        await self._return(slot) if not self._plain else self._give_back(slot)
+        return row
 
     async def fetchval(
         self, query: str, *args: Any, column: int = 0, timeout: float | None = None
     ) -> Any:
         slot = (self._plain and self._take_nowait()) or await self._lease(None)
         try:
-            return await self.driver.fetchval(slot.conn, query, args, column, timeout)
-        finally:
-            await self._return(slot) if not self._plain else self._give_back(slot)
+            value = await self.driver.fetchval(slot.conn, query, args, column, timeout)
+        except BaseException as exc:
+            await self._return(slot, exc)
+            raise
+        await self._return(slot) if not self._plain else self._give_back(slot)
+        return value
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         slot = (self._plain and self._take_nowait()) or await self._lease(None)
         try:
             status: str = await self.driver.execute(slot.conn, query, args, timeout)
-            return status
-        finally:
-            await self._return(slot) if not self._plain else self._give_back(slot)
+        except BaseException as exc:
+            await self._return(slot, exc)
+            raise
+        await self._return(slot) if not self._plain else self._give_back(slot)
+        return status
 
     async def executemany(
         self, query: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
@@ -317,13 +382,40 @@ class Pool:
     async def transaction(
         self, *, isolation: str | None = None, readonly: bool = False, deferrable: bool = False
     ) -> AsyncIterator[Any]:
-        """``async with pool.transaction() as conn``: BEGIN, then COMMIT or ROLLBACK."""
+        """``async with pool.transaction() as conn``: BEGIN, then COMMIT or ROLLBACK.
+
+        Never retried. A connection lost during COMMIT raises CommitUnknown.
+        """
         async with self.acquire() as conn:
-            tx = self.driver.transaction(
-                conn, isolation=isolation, readonly=readonly, deferrable=deferrable
-            )
-            async with tx:
+            tx = transact.Transaction(self, conn, isolation, readonly, deferrable)
+            await tx.begin()
+            try:
                 yield conn
+            except BaseException as exc:
+                if not await tx.rollback(exc):
+                    raise
+                return  # the driver swallowed it (psycopg.Rollback)
+            await tx.commit()
+
+    async def run_transaction(
+        self,
+        fn: Callable[[Any], Awaitable[T]],
+        *,
+        retry: RetryPolicy | None = None,
+        isolation: str | None = None,
+        readonly: bool = False,
+        deferrable: bool = False,
+    ) -> T:
+        """Run ``await fn(conn)`` in a transaction; re-run all of it on a retryable error.
+
+        Retryable: connect failures, serialization failures (40001), deadlocks (40P01),
+        and a connection lost before COMMIT was sent. Anything else, and a connection
+        lost during COMMIT (CommitUnknown), is raised at once. ``fn`` may run several
+        times, so it must not have effects outside the transaction that can't repeat.
+        """
+        return await transact.run_transaction(
+            self, fn, retry or RetryPolicy(), isolation, readonly, deferrable
+        )
 
     def mark_dirty(self, conn: Any) -> None:
         """Ask for a full reset when ``conn`` comes back (state the detector can't see)."""
@@ -365,14 +457,12 @@ class Pool:
             delay = core.connect_failed(slot, exc, monotonic())
             self._flush()
             log.warning("pool %r: connect failed (retry in %.2fs): %s", self.name, delay, exc)
-            await asyncio.sleep(delay)
-            core.retry_connects(monotonic())
-            self._flush()
+            await self._retry_connects_after(delay)
             return
         except BaseException:
             if conn is not None:
                 self.driver.terminate(conn)
-            core.connect_failed(slot, PoolClosed("connect cancelled"), monotonic())
+            core.connect_cancelled(slot)
             raise
         if not core.connected(slot, conn, monotonic()):
             self.driver.terminate(conn)
@@ -380,37 +470,50 @@ class Pool:
         self._by_conn[id(conn)] = slot
         self._flush()
 
+    async def _retry_connects_after(self, delay: float) -> None:
+        """Sleep out the backoff window (and an open breaker), then let connects start."""
+        core = self._core
+        while delay > 0:
+            # The loop's timers may fire up to a clock tick early (uvloop: 1 ms, on a
+            # cached clock), and later failures may move the window: check again.
+            await asyncio.sleep(delay)
+            delay = core.next_attempt_at() - monotonic()
+        core.retry_connects(monotonic())
+        self._flush()
+
     async def _reset(self, slot: Slot) -> None:
-        ok = False
+        ok = lost = False
         try:
-            async with asyncio.timeout(self.config.reset_timeout):
+            async with hard_timeout(self.config.reset_timeout):
                 await self.driver.reset(slot.conn)
                 if self._on_connect is not None:
                     await self._on_connect(slot.conn)  # DISCARD ALL undid its settings
                     self.driver.mark_clean(slot.conn)
             ok = True
         except Exception as exc:
+            lost = self._lost(exc)
             log.warning("pool %r: reset failed, dropping connection: %r", self.name, exc)
         finally:
-            self._core.reset_done(slot, ok, monotonic())
+            self._core.reset_done(slot, ok, monotonic(), lost=lost)
             self._flush()
 
     async def _check(self, slot: Slot) -> None:
-        ok = False
+        ok = lost = False
         try:
-            async with asyncio.timeout(self.config.reset_timeout):
+            async with hard_timeout(self.config.reset_timeout):
                 await self.driver.ping(slot.conn)
             ok = True
         except Exception as exc:
+            lost = self._lost(exc)
             log.info("pool %r: health check failed, dropping connection: %r", self.name, exc)
         finally:
-            self._core.check_done(slot, ok, monotonic())
+            self._core.check_done(slot, ok, monotonic(), lost=lost)
             self._flush()
 
     async def _close(self, slot: Slot) -> None:
         conn = slot.conn
         try:
-            async with asyncio.timeout(self.config.reset_timeout):
+            async with hard_timeout(self.config.reset_timeout):
                 if self._on_close is not None:
                     await self._on_close(conn)
                 await self.driver.close(conn)
@@ -431,6 +534,30 @@ class Pool:
         self._core.close_done(slot)
         self._progress.set()
 
+    def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
+        """Called by the core inside a decision: log now, run the user's hook soon after."""
+        level = logging.WARNING if new is BreakerState.OPEN else logging.INFO
+        log.log(level, "pool %r: circuit breaker %s -> %s", self.name, old.value, new.value)
+        if self._on_breaker_change is not None and self._loop is not None:
+            self._loop.call_soon(self._run_breaker_hook, old, new)
+
+    def _run_breaker_hook(self, old: BreakerState, new: BreakerState) -> None:
+        hook = self._on_breaker_change
+        if hook is None:
+            return
+        try:
+            result = hook(old, new)
+        except Exception:
+            log.exception("pool %r: on_breaker_change hook failed", self.name)
+            return
+        if not inspect.isawaitable(result):
+            return
+        if self._closing:
+            if inspect.iscoroutine(result):
+                result.close()
+            return
+        self._janitor.spawn(_await_hook(result, self.name), "breaker-hook")
+
     def _housekeep(self) -> None:
         leaked = self._core.housekeep(monotonic())
         self._flush()
@@ -443,6 +570,13 @@ class Pool:
                 self.config.leak_threshold,
                 format_site(slot.lease_site),
             )
+
+
+async def _await_hook(result: Awaitable[Any], name: str) -> None:
+    try:
+        await result
+    except Exception:
+        log.exception("pool %r: on_breaker_change hook failed", name)
 
 
 def create_pool(dsn: str | None = None, *, driver: str | Driver = "asyncpg", **kwargs: Any) -> Pool:

@@ -32,6 +32,7 @@ class CloseReason(enum.Enum):
     HEALTH_CHECK = "health_check"
     LEAKED = "leaked"
     POOL_CLOSED = "pool_closed"
+    STALE = "stale"  # idle, and older than a connection that was just lost
 
 
 _S = SlotState

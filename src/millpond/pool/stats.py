@@ -105,12 +105,15 @@ class Counters:
 
     __slots__ = (
         "acquires",
+        "breaker_rejected",
         "closed",
         "connect_errors",
         "leaks",
         "opened",
         "rejected",
         "resets",
+        "retries",
+        "retry_giveups",
         "timeouts",
         "use_time",
         "wait_time",
@@ -127,6 +130,9 @@ class Counters:
         self.connect_errors = 0
         self.leaks = 0
         self.resets = 0
+        self.breaker_rejected = 0
+        self.retries = 0
+        self.retry_giveups = 0
         self.wait_time = Histogram()
         self.use_time = Histogram()
 
@@ -156,6 +162,15 @@ class PoolStats:
     oldest_lease_age: float
     wait_time: HistogramSnapshot
     use_time: HistogramSnapshot
+    #: "closed", "open", "half_open", or "disabled" (breaker_threshold=0)
+    breaker_state: str = "disabled"
+    #: how many times the circuit breaker opened
+    breaker_opened: int = 0
+    #: acquires failed at once with CircuitOpen instead of waiting
+    breaker_rejected: int = 0
+    #: transactions re-run by run_transaction, and retryable errors it gave up on
+    retries: int = 0
+    retry_giveups: int = 0
 
     @property
     def connections_closed_total(self) -> int:
@@ -167,7 +182,11 @@ class PoolStats:
             f"size={self.size}/{self.max_size} idle={self.idle} in_use={self.in_use} "
             f"connecting={self.connecting} waiting={self.waiting} "
             f"oldest_lease={self.oldest_lease_age:.3f}s"
+            + (f" breaker={self.breaker_state}" if self.breaker_state in _TRIPPED else "")
         )
+
+
+_TRIPPED = frozenset({"open", "half_open"})
 
 
 def closed_mapping(closed: dict[CloseReason, int]) -> Mapping[str, int]:
