@@ -156,7 +156,8 @@ class PoolCore:
         waiter = Waiter(future, now)
         self.waiters.append(waiter)
         self.counters.waits += 1
-        self._want_connections(now)
+        if self.live < self.config.max_size:  # at max_size only a release can serve it
+            self._want_connections(now)
         return waiter
 
     def forget_waiter(self, waiter: Waiter) -> None:

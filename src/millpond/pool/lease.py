@@ -46,8 +46,15 @@ class AcquireContext:
     async def __aenter__(self) -> Any:
         if self._slot is not None:
             raise RuntimeError("this acquire() context is already in use")
-        self._slot = await self._pool._lease(self._timeout)
-        return self._slot.conn
+        pool = self._pool
+        if pool._plain:  # no hooks: the fast path, no extra coroutine
+            slot = pool._take_nowait()
+            if slot is None:
+                slot = await pool._wait_for_slot(self._timeout)
+        else:
+            slot = await pool._lease(self._timeout)
+        self._slot = slot
+        return slot.conn
 
     async def __aexit__(
         self,
@@ -57,7 +64,11 @@ class AcquireContext:
     ) -> None:
         slot, self._slot = self._slot, None
         if slot is not None:
-            await self._pool._return(slot, exc)
+            pool = self._pool
+            if pool._plain:
+                pool._give_back(slot, exc)
+            else:
+                await pool._return(slot, exc)
 
     def __await__(self) -> Generator[Any, None, Any]:
         self._awaited = True

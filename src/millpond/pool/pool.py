@@ -241,7 +241,7 @@ class Pool:
         return slot
 
     async def _wait_for_slot(self, timeout: float | None) -> Slot:
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()  # cached: 3.11 asks getpid() each time
         core = self._core
         future: asyncio.Future[Slot] = loop.create_future()
         waiter = core.wait(future, monotonic())

@@ -22,6 +22,10 @@ class SlotState(enum.Enum):
     BROKEN = "broken"  # dead or failed; being torn down
     CLOSED = "closed"  # gone; the slot is no longer in the pool
 
+    # Members are singletons: identity hashing skips Enum's Python-level __hash__ on
+    # every state change (LEGAL_MOVES lookups happen on each lend and release).
+    __hash__ = object.__hash__
+
 
 class CloseReason(enum.Enum):
     LIFETIME = "lifetime"
