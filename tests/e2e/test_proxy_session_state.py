@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from millpond.embedded import PostgresCluster
-from tests.e2e.conftest import ProxyFactory, ProxyProcess
+from tests.e2e.conftest import ProxyFactory, ProxyProcess, pg_tool, run_tool
 from tests.helpers import run
 
 
@@ -164,5 +164,28 @@ def test_reject_policy_refuses_clearly(proxy_factory: ProxyFactory) -> None:
             await b.close()
         finally:
             await a.close()
+
+    run(main())
+
+
+def test_pinned_clients_show_in_show_pools(
+    pg_cluster: PostgresCluster, proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory(default_pool_size="2")
+
+    async def main() -> None:
+        a = await connect(proxy)
+        await a.execute("CREATE TEMP TABLE pinned_here (a int)")
+        out = await asyncio.to_thread(
+            run_tool,
+            [pg_tool(pg_cluster, "psql"), proxy.url(db="pgbouncer"), "-X", "-A", "-F", ",",
+             "-c", "SHOW POOLS"],
+        )  # fmt: skip
+        lines = out.stdout.splitlines()
+        header = lines[0].split(",")
+        row = next(dict(zip(header, line.split(","), strict=True)) for line in lines[1:]
+                   if line.startswith("postgres,postgres,"))  # fmt: skip
+        assert row["cl_pinned"] == "1"
+        await a.close()
 
     run(main())

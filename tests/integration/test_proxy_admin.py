@@ -42,6 +42,7 @@ PGBOUNCER_COLUMNS: dict[str, list[str]] = {
         "cl_waiting_cancel_req", "sv_active", "sv_active_cancel", "sv_being_canceled",
         "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait", "maxwait_us", "pool_mode",
         "load_balance_hosts",
+        "cl_pinned",  # millpond's addition, after all of PgBouncer's columns
     ],
     "CLIENTS": _SOCKET,
     "SERVERS": _SOCKET,

@@ -103,11 +103,13 @@ _SOCKET = (
 
 #: Every SHOW result millpond renders, by the name after SHOW.
 TABLES: dict[str, Table] = {
+    # PgBouncer's columns in PgBouncer's order, then millpond's own (clients pinned to a
+    # server connection by session state); exporters read columns by name.
     "pools": _t(
-        "ssiiiiiiiiiiiiiss", "database", "user", "cl_active", "cl_waiting",
+        "ssiiiiiiiiiiiiissi", "database", "user", "cl_active", "cl_waiting",
         "cl_active_cancel_req", "cl_waiting_cancel_req", "sv_active", "sv_active_cancel",
         "sv_being_canceled", "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait",
-        "maxwait_us", "pool_mode", "load_balance_hosts",
+        "maxwait_us", "pool_mode", "load_balance_hosts", "cl_pinned",
     ),
     "clients": _t("ssssssisiTTiiississii", *_SOCKET),
     "servers": _t("ssssssisiTTiiississii", *_SOCKET),
@@ -366,6 +368,7 @@ class PoolRow:
     pool_mode: str
     load_balance_hosts: str | None
     paused: bool
+    cl_pinned: int = 0
 
     def cells(self) -> Row:
         wait_us = int(self.maxwait * 1_000_000)
@@ -373,7 +376,7 @@ class PoolRow:
             self.database, self.user, self.cl_active, self.cl_waiting, 0, 0, self.sv_active,
             self.sv_active_cancel, self.sv_being_canceled, self.sv_idle, self.sv_used,
             self.sv_tested, self.sv_login, wait_us // 1_000_000, wait_us % 1_000_000,
-            self.pool_mode, self.load_balance_hosts,
+            self.pool_mode, self.load_balance_hosts, self.cl_pinned,
         )  # fmt: skip
 
 
@@ -406,7 +409,7 @@ def _pool_row(proxy: Proxy, pool: ServerPool, clients: list[int], now: float) ->
         pool.database, pool.user, clients[0], clients[1], states.count("active"), cancels,
         states.count("being_canceled"), states.count("idle"), states.count("used"),
         states.count("tested"), states.count("new"), _oldest_wait(pool, now), pool.mode,
-        _load_balance(proxy, pool.database), pool.paused,
+        _load_balance(proxy, pool.database), pool.paused, pool.counters.pinned,
     )  # fmt: skip
 
 
