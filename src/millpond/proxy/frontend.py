@@ -106,6 +106,7 @@ class ClientConnection(asyncio.Protocol):
         self.auth: Any = None
         self.admin: Any = None
         self._wait: Any = None
+        self._held: tuple[bytes, bytes] | None = None  # scanned data waiting for a server
         self.last_active = monotonic()  # for client_idle_timeout / idle_transaction_timeout
         self.connect_time = self.last_active  # for SHOW CLIENTS
         self.request_time = self.last_active
@@ -268,7 +269,16 @@ class ClientConnection(asyncio.Protocol):
         if slot is not None:
             self._link(slot)
             return
+        self._queue(pool)
+
+    def _queue(self, pool: ServerPool, held: tuple[bytes, bytes] | None = None) -> None:
+        """Wait for a server connection, reading nothing more meanwhile.
+
+        ``held`` is a chunk of whole messages already scanned: it waits as it is, and
+        is forwarded on the hand-off without being scanned again.
+        """
         self.state = ClientState.WAITING
+        self._held = held
         if self.transport is not None:
             self.transport.pause_reading()
         handle = pool.wait(self._on_slot, self._on_wait_error)
@@ -277,6 +287,9 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_from_pause(self) -> None:
         if self.state is ClientState.WAITING and self._wait is None:
+            held, self._held = self._held, None
+            if held is not None:
+                self.reader.feed(held[0])
             self.state = ClientState.IDLE
             self._need_server()
 
@@ -289,7 +302,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
-        self._link(slot)
+        held, self._held = self._held, None
+        self._link(slot, held)
 
     def _on_wait_error(self, exc: BaseException) -> None:
         self._wait = None
@@ -367,11 +381,10 @@ class ClientConnection(asyncio.Protocol):
         except PoolClosed:
             self.fail("08P01", "pooler is shutting down")
             return
-        if slot is None:
-            self.reader.feed(data)
-            self._need_server()
-            return
         self.request_time = self.last_active
+        if slot is None:
+            self._queue(pool, (data, types))
+            return
         self._link(slot, (data, types))
 
     def _forward_span(self, data: Any, types: bytes) -> None:
