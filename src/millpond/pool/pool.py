@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from time import monotonic
@@ -111,6 +112,8 @@ class Pool:
         self._opened = False
         self._closing = False
         self._progress = asyncio.Event()
+        self._deadlines: deque[tuple[float, asyncio.Future[Slot]]] = deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._track_sites = self.config.leak_threshold is not None
         self._plain = on_acquire is None and on_release is None
 
@@ -178,6 +181,9 @@ class Pool:
     def terminate(self) -> None:
         """Close every connection at once, lent or not, without waiting."""
         self._closing = True
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         self._core.close()
         self._core.todo.clear()
         for slot in list(self._core.slots.values()):
@@ -249,8 +255,11 @@ class Pool:
             self._flush()
         if future.done():  # refused at once: the circuit breaker is open
             return future.result()
-        limit = self.config.acquire_timeout if timeout is None else timeout
-        timer = loop.call_later(limit, self._expire_waiter, future, limit)
+        timer = None
+        if timeout is None:
+            self._watch_deadline(loop, future)  # one shared timer, not one per waiter
+        else:
+            timer = loop.call_later(timeout, self._expire_waiter, future, timeout)
         try:
             slot = await future
         except BaseException:
@@ -259,10 +268,35 @@ class Pool:
                 self._give_back(future.result())  # handed over just as we gave up
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
         if self._track_sites:
             slot.lease_site = capture_site()
         return slot
+
+    def _watch_deadline(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Slot]
+    ) -> None:
+        """Waiters with the default acquire_timeout are served in order, so their
+        deadlines come in order too: one timer, armed for the oldest, covers them all."""
+        queue = self._deadlines
+        while queue and queue[0][1].done():  # served from the front, first in first out
+            queue.popleft()
+        queue.append((loop.time() + self.config.acquire_timeout, future))
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_at(queue[0][0], self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._deadline_timer = None
+        loop, queue = self._loop, self._deadlines
+        if loop is None:
+            return
+        now, limit = loop.time(), self.config.acquire_timeout
+        while queue and (queue[0][1].done() or queue[0][0] <= now):
+            _, future = queue.popleft()
+            self._expire_waiter(future, limit)
+        if queue:
+            self._deadline_timer = loop.call_at(queue[0][0], self._check_deadlines)
 
     def _expire_waiter(self, future: asyncio.Future[Slot], limit: float) -> None:
         if future.done():
@@ -331,7 +365,10 @@ class Pool:
     # -- the everyday API --------------------------------------------------------------
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        slot = (self._plain and self._take_nowait()) or await self._lease(None)
+        if self._plain:  # no hooks: no extra coroutine, and one look at the idle stack
+            slot = self._take_nowait() or await self._wait_for_slot(None)
+        else:
+            slot = await self._lease(None)
         try:
             rows: list[Any] = await self.driver.fetch(slot.conn, query, args, timeout)
         except BaseException as exc:
@@ -341,7 +378,10 @@ class Pool:
         return rows
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
-        slot = (self._plain and self._take_nowait()) or await self._lease(None)
+        if self._plain:  # no hooks: no extra coroutine, and one look at the idle stack
+            slot = self._take_nowait() or await self._wait_for_slot(None)
+        else:
+            slot = await self._lease(None)
         try:
             row = await self.driver.fetchrow(slot.conn, query, args, timeout)
         except BaseException as exc:
@@ -353,7 +393,10 @@ class Pool:
     async def fetchval(
         self, query: str, *args: Any, column: int = 0, timeout: float | None = None
     ) -> Any:
-        slot = (self._plain and self._take_nowait()) or await self._lease(None)
+        if self._plain:  # no hooks: no extra coroutine, and one look at the idle stack
+            slot = self._take_nowait() or await self._wait_for_slot(None)
+        else:
+            slot = await self._lease(None)
         try:
             value = await self.driver.fetchval(slot.conn, query, args, column, timeout)
         except BaseException as exc:
@@ -363,7 +406,10 @@ class Pool:
         return value
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
-        slot = (self._plain and self._take_nowait()) or await self._lease(None)
+        if self._plain:  # no hooks: no extra coroutine, and one look at the idle stack
+            slot = self._take_nowait() or await self._wait_for_slot(None)
+        else:
+            slot = await self._lease(None)
         try:
             status: str = await self.driver.execute(slot.conn, query, args, timeout)
         except BaseException as exc:

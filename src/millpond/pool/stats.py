@@ -53,7 +53,13 @@ class Histogram:
         self.sum += seconds
         if seconds > self.max:
             self.max = seconds
-        self.buckets[_bucket(int(seconds * 1_000_000))] += 1
+        us = int(seconds * 1_000_000)
+        if us < _SUB:  # _bucket, inlined: this runs on every lease
+            idx = us if us > 0 else 0
+        else:
+            bits = us.bit_length()
+            idx = min((bits - 2) * _SUB + ((us >> (bits - 3)) & (_SUB - 1)), _NBUCKETS - 1)
+        self.buckets[idx] += 1
 
     def snapshot(self) -> HistogramSnapshot:
         return HistogramSnapshot(
