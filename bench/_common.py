@@ -109,3 +109,16 @@ def verdict(ratio: float, target: float, higher_is_better: bool = True) -> str:
         return "n/a"
     ok = ratio >= target if higher_is_better else ratio <= target
     return "meets" if ok else "MISSES"
+
+
+class Run:
+    """Shared by the tasks of one measurement: keep going, and how many queries so far."""
+
+    __slots__ = ("done", "on")
+
+    def __init__(self) -> None:
+        self.on = True
+        self.done = 0
+
+
+Worker = Callable[[Run], Coroutine[Any, Any, None]]

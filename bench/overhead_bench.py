@@ -30,7 +30,7 @@ import gc
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -41,7 +41,17 @@ from psycopg import pq
 from psycopg_pool import AsyncConnectionPool
 
 import millpond
-from _common import load_average, machine, median, run_uvloop, spread, table, verdict
+from _common import (
+    Run,
+    Worker,
+    load_average,
+    machine,
+    median,
+    run_uvloop,
+    spread,
+    table,
+    verdict,
+)
 
 PACKAGES = ("millpond", "asyncpg", "psycopg", "psycopg-pool", "uvloop")
 
@@ -132,17 +142,6 @@ class FakePsycopgConnection(psycopg.AsyncConnection[Any]):
 
 
 # -- the cases ----------------------------------------------------------------------
-
-
-class Run:
-    __slots__ = ("done", "on")
-
-    def __init__(self) -> None:
-        self.on = True
-        self.done = 0
-
-
-Worker = Callable[[Run], Coroutine[Any, Any, None]]
 
 
 @contextlib.asynccontextmanager

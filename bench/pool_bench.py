@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,17 @@ import asyncpg
 from psycopg_pool import AsyncConnectionPool
 
 import millpond
-from _common import load_average, machine, median, run_uvloop, spread, table, verdict
+from _common import (
+    Run,
+    Worker,
+    load_average,
+    machine,
+    median,
+    run_uvloop,
+    spread,
+    table,
+    verdict,
+)
 
 SQL = "SELECT 1"
 PACKAGES = ("millpond", "asyncpg", "psycopg", "psycopg-binary", "psycopg-pool", "uvloop")
@@ -50,17 +60,6 @@ TARGETS = (
 PER_REQUEST_MAX_SECONDS = 1.0
 
 
-class Run:
-    """Shared by the tasks of one measurement: keep going, and how many queries so far."""
-
-    __slots__ = ("done", "on")
-
-    def __init__(self) -> None:
-        self.on = True
-        self.done = 0
-
-
-Worker = Callable[[Run], Coroutine[Any, Any, None]]
 Opener = Callable[[str, int], contextlib.AbstractAsyncContextManager[Worker]]
 
 

@@ -261,15 +261,19 @@ class ClientConnection(asyncio.Protocol):
             self.state = ClientState.WAITING
             self.proxy.park(self)
             return
-        try:
-            slot = pool.take()
-        except PoolClosed:
-            self.fail("08P01", "pooler is shutting down")
-            return
+        slot = self._take(pool)
         if slot is not None:
             self._link(slot)
-            return
-        self._queue(pool)
+        elif self.state is not ClientState.CLOSED:
+            self._queue(pool)
+
+    def _take(self, pool: ServerPool) -> Slot | None:
+        """An idle server connection, or None; a closed pool fails (and closes) the client."""
+        try:
+            return pool.take()
+        except PoolClosed:
+            self.fail("08P01", "pooler is shutting down")
+            return None
 
     def _queue(self, pool: ServerPool, held: tuple[bytes, bytes] | None = None) -> None:
         """Wait for a server connection, reading nothing more meanwhile.
@@ -376,10 +380,8 @@ class ClientConnection(asyncio.Protocol):
             self.reader.feed(data)
             self._need_server()
             return
-        try:
-            slot = pool.take()
-        except PoolClosed:
-            self.fail("08P01", "pooler is shutting down")
+        slot = self._take(pool)
+        if self.state is ClientState.CLOSED:
             return
         self.request_time = self.last_active
         if slot is None:
