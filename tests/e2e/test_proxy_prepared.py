@@ -108,6 +108,31 @@ def test_deallocate_all_and_a_tiny_lru(proxy_factory: ProxyFactory) -> None:
     run(main())
 
 
+def test_discard_all_by_one_client_spares_the_others(proxy_factory: ProxyFactory) -> None:
+    """DISCARD ALL (a simple Query) drops every statement on the shared server
+    connection: the proxy must forget them there, so another client's statement is
+    prepared again instead of failing with 'prepared statement does not exist'."""
+    proxy = proxy_factory(default_pool_size="1")
+
+    async def main() -> None:
+        a = await asyncpg.connect(proxy.url())
+        b = await asyncpg.connect(proxy.url())
+        try:
+            sql = "SELECT $1::int + 7"
+            assert await a.fetchval(sql, 1) == 8
+            assert await b.fetchval(sql, 2) == 9  # the same server-side statement
+            await a.execute("DISCARD ALL")
+            assert await b.fetchval(sql, 3) == 10
+            # a's own statement is gone, as PostgreSQL itself would say
+            with pytest.raises(asyncpg.InvalidSQLStatementNameError):
+                await a.fetchval(sql, 4)
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main())
+
+
 def test_pgbench_prepared(pg_cluster: PostgresCluster, proxy_factory: ProxyFactory) -> None:
     proxy = proxy_factory(default_pool_size="3")
     pgbench = pg_tool(pg_cluster, "pgbench")

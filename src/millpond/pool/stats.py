@@ -55,11 +55,11 @@ class Histogram:
             self.max = seconds
         us = int(seconds * 1_000_000)
         if us < _SUB:  # _bucket, inlined: this runs on every lease
-            idx = us if us > 0 else 0
-        else:
-            bits = us.bit_length()
-            idx = min((bits - 2) * _SUB + ((us >> (bits - 3)) & (_SUB - 1)), _NBUCKETS - 1)
-        self.buckets[idx] += 1
+            self.buckets[us if us > 0 else 0] += 1
+            return
+        bits = us.bit_length()
+        idx = (bits - 2) * _SUB + ((us >> (bits - 3)) & (_SUB - 1))
+        self.buckets[idx if idx < _NBUCKETS else _NBUCKETS - 1] += 1
 
     def snapshot(self) -> HistogramSnapshot:
         return HistogramSnapshot(

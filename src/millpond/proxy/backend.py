@@ -60,6 +60,10 @@ class ServerState(enum.Enum):
     CLOSED = "closed"
 
 
+_IDLE, _CLOSED = ServerState.IDLE, ServerState.CLOSED
+_BROKEN, _DIRTY, _CLEAN = Release.BROKEN, Release.DIRTY, Release.CLEAN
+
+
 @dataclass(frozen=True, slots=True)
 class ServerTarget:
     """Where and as whom a pool's server connections log in."""
@@ -126,7 +130,7 @@ class ServerConnection(asyncio.Protocol):
             try:
                 whole = reader.whole(data)
                 if whole is not None:  # the common case: whole messages, no copy
-                    client.from_server(self, data, whole.types, whole.ready_status)
+                    client.from_server(self, data, whole[0], whole[2])
                     return
                 reader.feed(data)
                 span = reader.read_span()
@@ -337,16 +341,24 @@ class ServerDriver(Driver):
         return conn
 
     def verdict(self, conn: ServerConnection) -> Release:
-        if conn.closed or conn.outstanding or conn.tx_status != m.TX_IDLE:
-            return Release.BROKEN  # never hand on a connection mid-protocol
-        if conn.state is not ServerState.IDLE or conn.reader.buffered or conn.statements.pending:
-            return Release.BROKEN
+        transport = conn.transport
+        if (
+            conn.state is not _IDLE  # closed, or logging in, or running our own query
+            or transport is None
+            or transport.is_closing()
+            or conn.outstanding
+            or conn.tx_status != m.TX_IDLE
+            or conn.reader.buffered
+            or conn.statements.pending
+        ):
+            return _BROKEN  # never hand on a connection mid-protocol
         if conn.needs_reset or (self.reset_always and self.reset_query):
-            return Release.DIRTY
-        return Release.CLEAN
+            return _DIRTY
+        return _CLEAN
 
     def is_alive(self, conn: ServerConnection) -> bool:
-        return not conn.closed
+        transport = conn.transport
+        return conn.state is not _CLOSED and transport is not None and not transport.is_closing()
 
     async def reset(self, conn: ServerConnection) -> None:
         await conn.query(self.reset_query or "DISCARD ALL")

@@ -30,6 +30,7 @@ from millpond.proxy.protocol.codec import (
     SSLRequest,
     StartupMessage,
     StartupReader,
+    names_statements,
 )
 from millpond.proxy.protocol.parsers import decode_parameter_status, decode_parse, decode_query
 from millpond.proxy.session import SessionTracker, alignment_sql, readback_sql
@@ -57,6 +58,9 @@ class ClientState(enum.Enum):
     WAITING = "waiting"
     ACTIVE = "active"
     CLOSED = "closed"
+
+
+_ACTIVE, _IDLE = ClientState.ACTIVE, ClientState.IDLE  # for the hot path
 
 
 def _query_texts(data: bytes) -> list[str]:
@@ -129,22 +133,23 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            if self.state is ClientState.ACTIVE:
+            state = self.state
+            if state is _ACTIVE:
                 whole = self.reader.whole(data, b"X")
-                if whole is not None and whole.types[-1:] != b"X":
-                    self._forward_span(data, whole.types)  # the common case: no copy
+                if whole is not None and whole[0][-1:] != b"X":
+                    self._forward_span(data, whole[0])  # the common case: no copy
                 else:
                     self.reader.feed(data)
                     self._forward()
-            elif self.state is ClientState.IDLE and self.admin is None:
+            elif state is _IDLE and self.admin is None:
                 self.last_active = monotonic()
                 whole = self.reader.whole(data, b"X")
-                if whole is not None and whole.types[-1:] != b"X":
-                    self._start_transaction(data, whole.types)
+                if whole is not None and whole[0][-1:] != b"X":
+                    self._start_transaction(data, whole[0])
                 else:
                     self.reader.feed(data)
                     self._need_server()
-            elif self.state is ClientState.STARTUP:
+            elif state is ClientState.STARTUP:
                 self._startup_data(data)
             elif self.state is ClientState.AUTH:
                 self.reader.feed(data)
@@ -380,14 +385,23 @@ class ClientConnection(asyncio.Protocol):
             self.reader.feed(data)
             self._need_server()
             return
-        slot = self._take(pool)
-        if self.state is ClientState.CLOSED:
+        try:
+            slot = pool.take()
+        except PoolClosed:
+            self.fail("08P01", "pooler is shutting down")
             return
         self.request_time = self.last_active
         if slot is None:
             self._queue(pool, (data, types))
             return
-        self._link(slot, (data, types))
+        server: ServerConnection = slot.conn
+        if server.param_sig != self.param_sig or server.applied != self.session.wanted:
+            self._link(slot, (data, types))  # the server needs SETs first
+            return
+        self.slot, self.server = slot, server
+        server.client = self
+        self.state = _ACTIVE
+        self._forward_span(data, types)
 
     def _forward_span(self, data: Any, types: bytes) -> None:
         """Send whole client messages to the linked server, keeping the protocol books."""
@@ -396,20 +410,27 @@ class ClientConnection(asyncio.Protocol):
         assert server.transport is not None
         pool = self.pool
         assert pool is not None
-        if pool.mode != "session" and session_hint(data):
-            refused = self._note_session(data, types)
-            if refused:
-                return
-        if not server.outstanding:
-            self.busy_since = monotonic()
+        hinted = pool.mode != "session" and session_hint(data)
+        if hinted and self._note_session(data, types):
+            return  # refused (session_pinning = reject)
         owed = server.outstanding
-        server.outstanding += types.count(b"Q") + types.count(b"S") + types.count(b"F")
-        self.unsynced = _unsynced_after(types, self.unsynced)
+        if not owed:
+            self.busy_since = monotonic()
+        if types == b"Q":  # one simple query: the common case
+            server.outstanding = owed + 1
+            self.unsynced = False
+        else:
+            server.outstanding = owed + types.count(b"Q") + types.count(b"S") + types.count(b"F")
+            self.unsynced = _unsynced_after(types, self.unsynced)
         pool.counters.bytes_received += len(data)
-        if pool.rewrites and (server.statements.pending or _has_extended(types)):
+        if pool.rewrites and (
+            hinted  # DISCARD ALL / DEALLOCATE ALL drop the server's statements
+            or server.statements.pending
+            or (_has_extended(types) and (self.unsynced or names_statements(bytes(data))))
+        ):
             self._forward_rewritten(server, bytes(data), owed)
         else:
-            server.transport.write(data)
+            server.transport.write(data)  # nothing to rename: forwarded untouched
 
     def _forward_rewritten(self, server: ServerConnection, data: bytes, owed: int) -> None:
         """Named prepared statements: map them onto the server's (see prepared.py)."""
@@ -443,24 +464,27 @@ class ClientConnection(asyncio.Protocol):
             transport.write(data)
         pool = self.pool
         assert pool is not None
-        pool.counters.bytes_sent += len(data)
+        counters = pool.counters
+        counters.bytes_sent += len(data)
         if b"S" in types:
             self._server_params(server, data)
         if ready is None:
             return
         done = types.count(b"Z")
-        server.outstanding -= done
+        owed = server.outstanding - done
+        server.outstanding = owed
         self.last_active = monotonic()
         server.tx_status = ready
-        pool.counters.query_count += done
-        if server.outstanding < 0:
-            server.abort("ReadyForQuery without a request: protocol desync")
+        counters.query_count += done
+        if owed:
+            if owed < 0:
+                server.abort("ReadyForQuery without a request: protocol desync")
             return
-        if server.outstanding or self.unsynced:
+        if self.unsynced:
             return
         if ready == m.TX_IDLE:
             if pool.mode != "session":
-                pool.counters.xact_count += 1
+                counters.xact_count += 1
                 self._transaction_done(server)
         elif pool.mode == "statement":
             self.fail("08P01", "transaction blocks not allowed in statement pooling mode")
@@ -468,6 +492,11 @@ class ClientConnection(asyncio.Protocol):
     def _transaction_done(self, server: ServerConnection) -> None:
         """Transaction mode, server idle: settle session state, then release (or stay)."""
         session = self.session
+        if not (session.reset_all or session.pending or session.pinned):
+            self._unlink()  # the common case: nothing to settle
+            if self.reader.buffered:
+                self._need_server()
+            return
         if session.reset_all:
             session.forget_all(server.applied)
         if session.pending:

@@ -102,9 +102,8 @@ class ServerPool(Pool):
             self._janitor.start()
             self._housekeep()
 
-    def take(self) -> Slot | None:
-        """An idle server connection now, or None."""
-        return self._take_nowait()
+    #: An idle server connection now, or None (PoolClosed if the pool is closed).
+    take = Pool._take_nowait
 
     def wait(
         self, on_slot: Callable[[Slot], None], on_error: Callable[[BaseException], None]
@@ -171,9 +170,8 @@ class ServerPool(Pool):
         self._core.config = config
         self.base_size = config.max_size
 
-    def give(self, slot: Slot) -> None:
-        """Return a server connection (synchronously; resets run in the background)."""
-        self._give_back(slot)
+    #: Return a server connection (synchronously; resets run in the background).
+    give = Pool._give_back
 
 
 def pool_settings(config: ProxyConfig, db: DatabaseEntry, user: UserEntry | None) -> dict[str, Any]:

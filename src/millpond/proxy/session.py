@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from millpond.drivers.base import leaves_session_state
@@ -40,13 +41,42 @@ _PINNING = (
 )
 
 
-#: A cheap first look at raw client bytes (headers included): could any statement in
-#: there touch session state? Only spans that match are decoded and classified.
-hint = re.compile(
-    rb"\b(?:set|reset|do|load|set_config|pg_settings|pg_temp|temp|temporary|hold|listen|"
-    rb"prepare|deallocate|discard|role|session|authorization|pg_(?:try_)?advisory_lock\w*)\b",
-    re.IGNORECASE,
+#: The words that make a request worth a closer look for session state (lower case),
+#: and the prefixes of words that do (pg_advisory_lock_shared, ...).
+HINT_WORDS = (
+    b"set", b"reset", b"do", b"load", b"set_config", b"pg_settings", b"pg_temp", b"temp",
+    b"temporary", b"hold", b"listen", b"prepare", b"deallocate", b"discard", b"role",
+    b"session", b"authorization",
+)  # fmt: skip
+HINT_PREFIXES = (b"pg_advisory_lock", b"pg_try_advisory_lock")
+
+_HINT = re.compile(
+    rb"\b(?:"
+    + b"|".join(re.escape(w) for w in HINT_WORDS)
+    + rb"|(?:"
+    + b"|".join(re.escape(p) for p in HINT_PREFIXES)
+    + rb")\w*)\b"
 ).search
+
+
+def _hint_re(data: bytes | memoryview) -> bool:
+    """A cheap first look at raw client bytes (headers included): could any statement
+    in there touch session state? Only spans that match are decoded and classified.
+
+    True if a whole word (ASCII letters, digits, underscores; any case) is one of
+    HINT_WORDS or starts with one of HINT_PREFIXES.
+    """
+    return _HINT((data if type(data) is bytes else bytes(data)).lower()) is not None
+
+
+hint: Callable[[bytes | memoryview], bool]
+try:  # the compiled twin runs on every request in transaction mode
+    from millpond.proxy.protocol import _scan
+except ImportError:  # pragma: no cover - a build without a C compiler
+    hint = _hint_re
+else:
+    _scan.set_hint_words(HINT_WORDS, HINT_PREFIXES)
+    hint = _scan.hint
 
 
 #: Parameters PostgreSQL reports itself (ParameterStatus): the proxy keeps those in step

@@ -23,7 +23,7 @@ a huge message is refused before its payload is buffered.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NamedTuple
@@ -147,6 +147,47 @@ def _ready_status(buf: bytes | bytearray, offset: int) -> bytes:
     return status
 
 
+def _names_statements(data: bytes) -> bool:
+    """Does any of the whole client messages in ``data`` name a prepared statement
+    (Parse, Bind, or a Describe/Close of a statement)? Not whole messages: True.
+
+    The proxy forwards requests that name none untouched in transaction mode.
+    """
+    pos, end = 0, len(data)
+    while pos + _HEADER_SIZE <= end:
+        kind = data[pos]
+        length: int = _LENGTH.unpack_from(data, pos + 1)[0]
+        stop = pos + 1 + length
+        if length < 4 or stop > end:
+            return True
+        if kind == 80:  # 'P': the statement name comes first
+            if length < 5 or data[pos + 5] != 0:
+                return True
+        elif kind == 66:  # 'B': the portal name, then the statement name
+            nul = data.find(b"\0", pos + 5, stop)
+            if nul < 0 or nul + 1 >= stop or data[nul + 1] != 0:
+                return True
+        elif kind in (67, 68) and (length < 6 or (data[pos + 5] == 83 and data[pos + 6] != 0)):
+            return True  # 'C', 'D': b'S' or b'P', then the name
+        pos = stop
+    return pos != end
+
+
+#: The framing walk and names_statements: compiled when millpond was built with a C
+#: compiler (millpond.proxy.protocol._scan), else the Python versions above.
+walk: Callable[[bytes | bytearray, int, int, bytes], tuple[int, bytes, int, bytes | None]]
+names_statements: Callable[[bytes], bool]
+try:
+    from millpond.proxy.protocol import _scan
+except ImportError:  # pragma: no cover - a build without a C compiler
+    walk, names_statements = _walk, _names_statements
+    COMPILED = False
+else:
+    _scan.set_error_factories(_bad_length, _ready_status)
+    walk, names_statements = _scan.walk, _scan.names_statements
+    COMPILED = True
+
+
 class MessageReader:
     """Frames a typed PostgreSQL v3 stream (either direction) from fed bytes.
 
@@ -203,16 +244,16 @@ class MessageReader:
         message whose type byte is in ``stop`` (e.g. ``stop=b"Z"`` to end a span at
         ReadyForQuery). Raises :class:`ProtocolError` for a bad length field.
         """
-        return _walk(self._buf, self._pos, self._limit, stop)
+        return Scan(*walk(self._buf, self._pos, self._limit, stop))
 
-    def whole(self, data: bytes, stop: bytes = b"") -> Scan | None:
-        """The forwarding fast path: with nothing buffered, the Scan of ``data`` itself
-        when it is made of whole messages (no copy, nothing kept); otherwise None,
-        and the caller feeds ``data`` as usual."""
+    def whole(self, data: bytes, stop: bytes = b"") -> tuple[bytes, int, bytes | None] | None:
+        """The forwarding fast path: with nothing buffered and ``data`` made of whole
+        messages, ``(types, last_offset, ready_status)`` as :meth:`scan` would find
+        them (no copy, nothing kept); otherwise None, and the caller feeds ``data``."""
         if self._pos != len(self._buf):
             return None
-        found = _walk(data, 0, self._limit, stop)
-        return found if found.length == len(data) else None
+        length, types, last, status = walk(data, 0, self._limit, stop)
+        return (types, last, status) if length == len(data) else None
 
     def take(self, size: int) -> bytes | memoryview:
         """Remove ``size`` bytes from the front and return them, immutable.
