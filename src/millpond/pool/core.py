@@ -55,6 +55,9 @@ class Release(enum.Enum):
 # Module-level aliases: the release fast path compares against them.
 _CLEAN = Release.CLEAN
 _DIRTY = Release.DIRTY
+# Enum members as plain names: a class attribute of an Enum is a slow lookup (EnumType
+# has __getattr__), and these are read on every lend and release.
+_IN_USE, _IDLE = SlotState.IN_USE, SlotState.IDLE
 
 
 class Waiter:
@@ -123,16 +126,13 @@ class PoolCore:
                 slot.move(S.CHECKING)
                 self.todo.append((Act.CHECK, slot, None))
                 continue
-            self._lend(slot, now)
-            wait = self.counters.wait_time
-            wait.count += 1
-            wait.buckets[0] += 1
+            self._lend(slot, now)  # no wait: counted in wait_time at snapshot time
             return slot
         return None
 
     def _lend(self, slot: Slot, now: float) -> None:
-        if slot.state is not S.IN_USE:
-            slot.move(S.IN_USE)
+        if slot.state is not _IN_USE:
+            slot.move(_IN_USE)
         slot.acquired_at = now
         slot.uses += 1
         slot.leak_reported = False
@@ -214,7 +214,7 @@ class PoolCore:
             self.counters.wait_time.record(now - waiter.since)
             waiter.future.set_result(slot)
             return
-        slot.move(S.IDLE)
+        slot.move(_IDLE)
         slot.idle_since = now
         self.idle.append(slot)
 
@@ -540,7 +540,8 @@ class PoolCore:
             leaks=c.leaks,
             resets=c.resets,
             oldest_lease_age=oldest,
-            wait_time=c.wait_time.snapshot(),
+            # every acquisition that did not wait recorded nothing: it waited 0 s
+            wait_time=c.wait_time.snapshot(zeros=c.acquires - c.wait_time.count),
             use_time=c.use_time.snapshot(),
             breaker_state=self.breaker.state.value if self.breaker else "disabled",
             breaker_opened=self.breaker.opened if self.breaker else 0,

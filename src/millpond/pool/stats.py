@@ -61,23 +61,28 @@ class Histogram:
         idx = (bits - 2) * _SUB + ((us >> (bits - 3)) & (_SUB - 1))
         self.buckets[idx if idx < _NBUCKETS else _NBUCKETS - 1] += 1
 
-    def snapshot(self) -> HistogramSnapshot:
+    def snapshot(self, zeros: int = 0) -> HistogramSnapshot:
+        """A frozen copy. ``zeros``: that many more samples of 0 s, counted elsewhere
+        (a pool's immediate acquisitions: the hot path need not touch the histogram)."""
+        buckets = list(self.buckets)
+        buckets[0] += zeros
+        count = self.count + zeros
         return HistogramSnapshot(
-            count=self.count,
+            count=count,
             sum=self.sum,
             max=self.max,
-            p50=self._quantile(0.50),
-            p90=self._quantile(0.90),
-            p99=self._quantile(0.99),
-            buckets=tuple(self.buckets),
+            p50=self._quantile(buckets, count, 0.50),
+            p90=self._quantile(buckets, count, 0.90),
+            p99=self._quantile(buckets, count, 0.99),
+            buckets=tuple(buckets),
         )
 
-    def _quantile(self, q: float) -> float:
-        if not self.count:
+    def _quantile(self, buckets: list[int], count: int, q: float) -> float:
+        if not count:
             return 0.0
-        rank = q * self.count
+        rank = q * count
         seen = 0
-        for idx, n in enumerate(self.buckets):
+        for idx, n in enumerate(buckets):
             seen += n
             if seen >= rank and n:
                 return min(_bucket_upper_us(idx) / 1_000_000, self.max)

@@ -87,6 +87,30 @@ class ServerTarget:
 class ServerConnection(asyncio.Protocol):
     """One connection to PostgreSQL, owned by a pool, lent to one client at a time."""
 
+    __slots__ = (
+        "_auth",
+        "_error",
+        "_on_internal_done",
+        "_waiter",
+        "applied",
+        "backend_key",
+        "backend_pid",
+        "budgets",
+        "cancels",
+        "client",
+        "needs_reset",
+        "outstanding",
+        "param_sig",
+        "params",
+        "reader",
+        "rows",
+        "state",
+        "statements",
+        "target",
+        "transport",
+        "tx_status",
+    )
+
     def __init__(self, target: ServerTarget) -> None:
         self.target = target
         self.transport: asyncio.Transport | None = None
@@ -126,7 +150,7 @@ class ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         reader = self.reader
         client = self.client
-        if client is not None and self.state is ServerState.IDLE:
+        if client is not None and self.state is _IDLE:
             try:
                 whole = reader.whole(data)
                 if whole is not None:  # the common case: whole messages, no copy

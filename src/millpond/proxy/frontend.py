@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import re
 import secrets
@@ -60,7 +61,13 @@ class ClientState(enum.Enum):
     CLOSED = "closed"
 
 
-_ACTIVE, _IDLE = ClientState.ACTIVE, ClientState.IDLE  # for the hot path
+# Enum members and constants as plain names for the hot path (a class attribute of an
+# Enum is a slow lookup: EnumType has __getattr__).
+_ACTIVE, _IDLE, _CLOSED = ClientState.ACTIVE, ClientState.IDLE, ClientState.CLOSED
+_TX_IDLE = m.TX_IDLE
+_PIDS = itertools.count(secrets.randbits(30))
+#: Bytes a client may send while it waits for a server before we stop reading it.
+_WAIT_BUFFER = 256 * 1024
 
 
 def _query_texts(data: bytes) -> list[str]:
@@ -86,6 +93,40 @@ def _unsynced_after(types: bytes, before: bool) -> bool:
 class ClientConnection(asyncio.Protocol):
     """One application connection to the proxy."""
 
+    __slots__ = (
+        "_greeting",
+        "_held",
+        "_login_timer",
+        "_reading_paused",
+        "_wait",
+        "addr",
+        "admin",
+        "auth",
+        "busy_since",
+        "connect_time",
+        "database",
+        "key",
+        "last_active",
+        "param_sig",
+        "params",
+        "pid",
+        "pool",
+        "proxy",
+        "reader",
+        "request_time",
+        "rewriter",
+        "server",
+        "session",
+        "slot",
+        "startup",
+        "state",
+        "statements",
+        "tls",
+        "transport",
+        "unsynced",
+        "user",
+    )
+
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.transport: asyncio.Transport | None = None
@@ -100,7 +141,9 @@ class ClientConnection(asyncio.Protocol):
         self.server: ServerConnection | None = None
         self.slot: Slot | None = None
         self.unsynced = False
-        self.pid = secrets.randbits(31)
+        # Our BackendKeyData: the pid only names the connection (a counter will do);
+        # the key is what makes a CancelRequest hard to forge.
+        self.pid = next(_PIDS) & 0x7FFFFFFF or 1
         self.key = secrets.token_bytes(4)
         self.addr: tuple[Any, ...] | str = ""
         self.tls = False
@@ -111,6 +154,8 @@ class ClientConnection(asyncio.Protocol):
         self.admin: Any = None
         self._wait: Any = None
         self._held: tuple[bytes, bytes] | None = None  # scanned data waiting for a server
+        self._reading_paused = False  # the client sent too much while waiting
+        self._greeting = b""  # AuthenticationOk (and SASLFinal), held for the welcome
         self.last_active = monotonic()  # for client_idle_timeout / idle_transaction_timeout
         self.connect_time = self.last_active  # for SHOW CLIENTS
         self.request_time = self.last_active
@@ -157,6 +202,8 @@ class ClientConnection(asyncio.Protocol):
             elif self.admin is not None:
                 self.reader.feed(data)
                 self.admin.data_ready(self)
+            elif state is ClientState.WAITING:
+                self._hold(data)
             else:
                 self.reader.feed(data)
                 if self.state is ClientState.IDLE:
@@ -202,7 +249,9 @@ class ClientConnection(asyncio.Protocol):
             self._apply_auth_step(self.auth.feed(msg.type, msg.payload))
 
     def _apply_auth_step(self, step: Any) -> None:
-        if step.send and self.transport is not None:
+        if step.ok:
+            self._greeting = step.send  # AuthenticationOk goes out with the welcome
+        elif step.send and self.transport is not None:
             self.transport.write(step.send)
         if step.failed:
             log.warning(
@@ -230,7 +279,9 @@ class ClientConnection(asyncio.Protocol):
             if name in params:
                 self.params.setdefault(name, params[name])
         self.param_sig = tuple(self.params.get(name) for name in TRACKED_PARAMS)
-        out = [m.parameter_status(k, v) for k, v in params.items()]
+        out = [self._greeting]  # one write for the whole login answer
+        self._greeting = b""
+        out.extend(m.parameter_status(k, v) for k, v in params.items())
         out.append(m.backend_key_data(self.pid, self.key))
         out.append(m.ready_for_query(m.TX_IDLE))
         assert self.transport is not None
@@ -281,24 +332,41 @@ class ClientConnection(asyncio.Protocol):
             return None
 
     def _queue(self, pool: ServerPool, held: tuple[bytes, bytes] | None = None) -> None:
-        """Wait for a server connection, reading nothing more meanwhile.
+        """Wait for a server connection.
 
         ``held`` is a chunk of whole messages already scanned: it waits as it is, and
-        is forwarded on the hand-off without being scanned again.
+        is forwarded on the hand-off without being scanned again. Reading goes on
+        meanwhile (so a client that leaves is noticed at once) until the client has
+        sent more than _WAIT_BUFFER bytes: then it stops until a server is linked.
         """
         self.state = ClientState.WAITING
         self._held = held
-        if self.transport is not None:
-            self.transport.pause_reading()
         handle = pool.wait(self._on_slot, self._on_wait_error)
         if self.state is ClientState.WAITING:
             self._wait = handle
+
+    def _hold(self, data: bytes) -> None:
+        """Data while waiting for a server: it goes after what already waits."""
+        held, self._held = self._held, None
+        if held is not None:
+            self.reader.feed(held[0])
+        self.reader.feed(data)
+        if self.reader.buffered > _WAIT_BUFFER and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def resume_from_pause(self) -> None:
         if self.state is ClientState.WAITING and self._wait is None:
             held, self._held = self._held, None
             if held is not None:
                 self.reader.feed(held[0])
+            self._resume_reading()
             self.state = ClientState.IDLE
             self._need_server()
 
@@ -309,8 +377,7 @@ class ClientConnection(asyncio.Protocol):
             assert self.pool is not None
             self.pool.give(slot)  # we left while it was on its way
             return
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self._resume_reading()
         held, self._held = self._held, None
         self._link(slot, held)
 
@@ -482,7 +549,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.unsynced:
             return
-        if ready == m.TX_IDLE:
+        if ready == _TX_IDLE:
             if pool.mode != "session":
                 counters.xact_count += 1
                 self._transaction_done(server)
@@ -559,8 +626,8 @@ class ClientConnection(asyncio.Protocol):
     def _unlink(self) -> None:
         server, slot, pool = self.server, self.slot, self.pool
         self.server = self.slot = None
-        if self.state is not ClientState.CLOSED:
-            self.state = ClientState.IDLE
+        if self.state is not _CLOSED:
+            self.state = _IDLE
         if server is not None:
             server.client = None
             if self.session.pinned:
@@ -589,7 +656,8 @@ class ClientConnection(asyncio.Protocol):
                 "pooler error to %s@%s (%s): %s", self.user, self.database, self.addr, message
             )
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(m.error_response("FATAL", code, message))
+            # after a good login, AuthenticationOk first, as it always came before
+            self.transport.write(self._greeting + m.error_response("FATAL", code, message))
         self.close()
 
     def close(self) -> None:

@@ -83,7 +83,7 @@ def test_walk_matches_python_on_garbage(data: bytes, stop: bytes, limit: int) ->
 def test_walk_matches_python_on_canned_streams() -> None:
     for parts in (frontend_stream(), backend_stream()):
         stream = b"".join(parts)
-        for start in range(0, min(len(stream), 40)):
+        for start in range(min(len(stream), 40)):
             _same_walk(stream, start, b"")
             _same_walk(stream, start, b"X")
 

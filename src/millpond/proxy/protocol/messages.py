@@ -12,6 +12,7 @@ a malformed SQLSTATE, a row of the wrong width) is a programming error and raise
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
@@ -202,8 +203,12 @@ def authentication_sasl_final(data: bytes) -> bytes:
     return _authentication(AuthCode.SASL_FINAL, bytes(data))
 
 
+@functools.lru_cache(maxsize=1024)
 def parameter_status(name: str, value: str) -> bytes:
-    """ParameterStatus: report a run-time parameter's current value."""
+    """ParameterStatus: report a run-time parameter's current value.
+
+    Memoised: a proxy sends the same dozen to every client at login.
+    """
     return frame(PARAMETER_STATUS, cstring(name) + cstring(value))
 
 
