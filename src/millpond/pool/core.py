@@ -131,7 +131,9 @@ class PoolCore:
         return None
 
     def _lend(self, slot: Slot, now: float) -> None:
-        if slot.state is not _IN_USE:
+        if slot.state is _IDLE:
+            slot.state = _IN_USE  # legal by LEGAL_MOVES; the common case, without the lookup
+        elif slot.state is not _IN_USE:
             slot.move(_IN_USE)
         slot.acquired_at = now
         slot.uses += 1

@@ -222,11 +222,12 @@ class Pool:
     async def _acquire_detached(self, timeout: float | None) -> Any:
         return (await self._lease(timeout)).conn
 
-    def _take_nowait(self) -> Slot | None:
+    def _take_nowait(self, now: float = 0.0) -> Slot | None:
+        """An idle connection now, or None; ``now`` if the caller just read the clock."""
         if self._closing or not self._opened:
             raise PoolClosed(f"pool {self.name!r} is {'closed' if self._closing else 'not open'}")
         core = self._core
-        slot = core.acquire_nowait(monotonic())
+        slot = core.acquire_nowait(now or monotonic())
         if core.todo:
             self._flush()
         if slot is not None and self._track_sites:
@@ -323,13 +324,14 @@ class Pool:
         else:
             self._give_back(slot, error)
 
-    def _give_back(self, slot: Slot, error: BaseException | None = None) -> None:
-        """Return ``slot``; ``error`` is what the borrower's block raised, if anything."""
+    def _give_back(self, slot: Slot, error: BaseException | None = None, now: float = 0.0) -> None:
+        """Return ``slot``; ``error`` is what the borrower's block raised, if anything;
+        ``now`` if the caller just read the clock."""
         core = self._core
         verdict = self.driver.verdict(slot.conn)
         if error is not None:
             verdict = self._verdict_after(slot, error, verdict)
-        core.release(slot, verdict, monotonic())
+        core.release(slot, verdict, now or monotonic())
         if core.todo:
             self._flush()
 

@@ -241,9 +241,9 @@ class SocketRow:
 
 def _client_wait(client: ClientConnection, clock: Clock) -> float:
     handle = getattr(client, "_wait", None)
-    if client.state is not ClientState.WAITING or not isinstance(handle, tuple):
+    if client.state is not ClientState.WAITING or handle is None:
         return 0.0
-    return max(0.0, clock.mono - float(getattr(handle[0], "since", clock.mono)))
+    return max(0.0, clock.mono - float(getattr(handle, "since", clock.mono)))
 
 
 def _client_row(client: ClientConnection, state: str, port: int, clock: Clock) -> SocketRow:

@@ -341,7 +341,7 @@ class ClientConnection(asyncio.Protocol):
         """
         self.state = ClientState.WAITING
         self._held = held
-        handle = pool.wait(self._on_slot, self._on_wait_error)
+        handle = pool.wait(self, self.request_time)  # the hand-off calls set_result
         if self.state is ClientState.WAITING:
             self._wait = handle
 
@@ -370,7 +370,13 @@ class ClientConnection(asyncio.Protocol):
             self.state = ClientState.IDLE
             self._need_server()
 
-    def _on_slot(self, slot: Slot) -> None:
+    # -- the pool core hands us a server as it would resolve a future (pools.Handoff) --
+
+    def done(self) -> bool:
+        """Handed a server already, or no longer waiting for one."""
+        return self._wait is None and self.state is not ClientState.WAITING
+
+    def set_result(self, slot: Slot) -> None:
         """The pool handed us a server connection (called synchronously by the core)."""
         self._wait = None
         if self.state is not ClientState.WAITING:
@@ -381,7 +387,7 @@ class ClientConnection(asyncio.Protocol):
         held, self._held = self._held, None
         self._link(slot, held)
 
-    def _on_wait_error(self, exc: BaseException) -> None:
+    def set_exception(self, exc: BaseException) -> None:
         self._wait = None
         self.fail("08P01", str(exc))
 
@@ -452,12 +458,12 @@ class ClientConnection(asyncio.Protocol):
             self.reader.feed(data)
             self._need_server()
             return
+        now = self.request_time = self.last_active
         try:
-            slot = pool.take()
+            slot = pool.take(now)
         except PoolClosed:
             self.fail("08P01", "pooler is shutting down")
             return
-        self.request_time = self.last_active
         if slot is None:
             self._queue(pool, (data, types))
             return
@@ -468,10 +474,11 @@ class ClientConnection(asyncio.Protocol):
         self.slot, self.server = slot, server
         server.client = self
         self.state = _ACTIVE
-        self._forward_span(data, types)
+        self._forward_span(data, types, now)
 
-    def _forward_span(self, data: Any, types: bytes) -> None:
-        """Send whole client messages to the linked server, keeping the protocol books."""
+    def _forward_span(self, data: Any, types: bytes, now: float = 0.0) -> None:
+        """Send whole client messages to the linked server, keeping the protocol books
+        (``now``: the clock, if the caller just read it)."""
         server = self.server
         assert server is not None
         assert server.transport is not None
@@ -482,7 +489,7 @@ class ClientConnection(asyncio.Protocol):
             return  # refused (session_pinning = reject)
         owed = server.outstanding
         if not owed:
-            self.busy_since = monotonic()
+            self.busy_since = now or monotonic()
         if types == b"Q":  # one simple query: the common case
             server.outstanding = owed + 1
             self.unsynced = False
@@ -540,7 +547,7 @@ class ClientConnection(asyncio.Protocol):
         done = types.count(b"Z")
         owed = server.outstanding - done
         server.outstanding = owed
-        self.last_active = monotonic()
+        self.last_active = now = monotonic()
         server.tx_status = ready
         counters.query_count += done
         if owed:
@@ -552,15 +559,15 @@ class ClientConnection(asyncio.Protocol):
         if ready == _TX_IDLE:
             if pool.mode != "session":
                 counters.xact_count += 1
-                self._transaction_done(server)
+                self._transaction_done(server, now)
         elif pool.mode == "statement":
             self.fail("08P01", "transaction blocks not allowed in statement pooling mode")
 
-    def _transaction_done(self, server: ServerConnection) -> None:
+    def _transaction_done(self, server: ServerConnection, now: float = 0.0) -> None:
         """Transaction mode, server idle: settle session state, then release (or stay)."""
         session = self.session
         if not (session.reset_all or session.pending or session.pinned):
-            self._unlink()  # the common case: nothing to settle
+            self._unlink(now)  # the common case: nothing to settle
             if self.reader.buffered:
                 self._need_server()
             return
@@ -623,7 +630,7 @@ class ClientConnection(asyncio.Protocol):
         server.param_sig = tuple(server.params.get(n) for n in TRACKED_PARAMS)
         self.param_sig = tuple(self.params.get(n) for n in TRACKED_PARAMS)
 
-    def _unlink(self) -> None:
+    def _unlink(self, now: float = 0.0) -> None:
         server, slot, pool = self.server, self.slot, self.pool
         self.server = self.slot = None
         if self.state is not _CLOSED:
@@ -636,7 +643,7 @@ class ClientConnection(asyncio.Protocol):
             if server is not None and server.cancels:
                 self.proxy.release_after_cancel(pool, slot)
             else:
-                pool.give(slot)
+                pool.give(slot, None, now)
 
     def server_lost(self, server: ServerConnection) -> None:
         if server is self.server:

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from time import monotonic
-from typing import Any
+from typing import Any, Protocol
 
 from millpond.config import PoolConfig
 from millpond.errors import PoolClosed
@@ -26,11 +26,17 @@ from millpond.proxy.tls import ServerTLS
 _FOREVER = 10 * 365 * 86400.0  # PgBouncer's "0 disables the timeout"
 
 
-class DirectWaiter:
-    """A waiter resolved by calling back at once (the pool core's hand-off calls it).
+class Handoff(Protocol):
+    """What the pool core hands a server connection to, synchronously: it quacks like
+    the future the core expects. A waiting ClientConnection is one itself."""
 
-    It quacks like the future the core expects (done, set_result, set_exception).
-    """
+    def done(self) -> bool: ...
+    def set_result(self, slot: Slot) -> None: ...
+    def set_exception(self, exc: BaseException) -> None: ...
+
+
+class DirectWaiter:
+    """A :class:`Handoff` that calls back (the proxy's logins use it)."""
 
     __slots__ = ("_done", "on_error", "on_slot")
 
@@ -44,9 +50,6 @@ class DirectWaiter:
     def done(self) -> bool:
         return self._done
 
-    def cancel(self) -> None:
-        self._done = True
-
     def set_result(self, slot: Slot) -> None:
         self._done = True
         self.on_slot(slot)
@@ -54,9 +57,6 @@ class DirectWaiter:
     def set_exception(self, exc: BaseException) -> None:
         self._done = True
         self.on_error(exc)
-
-
-WaitHandle = tuple[Waiter, DirectWaiter]
 
 
 @dataclass(slots=True)
@@ -105,28 +105,24 @@ class ServerPool(Pool):
     #: An idle server connection now, or None (PoolClosed if the pool is closed).
     take = Pool._take_nowait
 
-    def wait(
-        self, on_slot: Callable[[Slot], None], on_error: Callable[[BaseException], None]
-    ) -> WaitHandle:
-        """Queue for a server connection; ``on_slot`` runs at the hand-off, synchronously.
+    def wait(self, handoff: Handoff, now: float = 0.0) -> Waiter:
+        """Queue for a server connection, handed to ``handoff`` synchronously.
 
         No future, timer or extra loop iteration per wait: the proxy's sweep enforces
         query_wait_timeout (see :meth:`expire`).
         """
         if self._closing:
             raise PoolClosed(f"pool {self.name!r} is closed")
-        direct = DirectWaiter(on_slot, on_error)
-        waiter = self._core.wait(direct, monotonic())  # type: ignore[arg-type]
+        waiter = self._core.wait(handoff, now or monotonic())  # type: ignore[arg-type]
         if self._core.todo:
             self._flush()
-        return waiter, direct
+        return waiter
 
-    def cancel_wait(self, handle: WaitHandle) -> None:
-        waiter, direct = handle
-        self._core.forget_waiter(waiter)
-        direct.cancel()
+    def cancel_wait(self, handle: Waiter) -> None:
+        """Out of the queue: nothing will be handed to it any more."""
+        self._core.forget_waiter(handle)
 
-    def expire(self, handle: WaitHandle) -> None:
+    def expire(self, handle: Waiter) -> None:
         """A waiter ran out of query_wait_timeout: count it and take it out of the queue."""
         self._core.counters.timeouts += 1
         self.cancel_wait(handle)

@@ -25,7 +25,13 @@ from millpond.proxy.config import (
 )
 from millpond.proxy.frontend import ClientConnection, ClientState
 from millpond.proxy.limits import Budget, Budgets
-from millpond.proxy.pools import ServerPool, pool_mode, pool_settings, server_target
+from millpond.proxy.pools import (
+    DirectWaiter,
+    ServerPool,
+    pool_mode,
+    pool_settings,
+    server_target,
+)
 from millpond.proxy.prepared import Registry
 from millpond.proxy.protocol import messages as m
 from millpond.proxy.protocol.codec import CancelRequest, StartupMessage
@@ -284,8 +290,10 @@ class Proxy:
             self._welcome_with(client, pool, slot)
         else:
             handle = pool.wait(
-                lambda slot: self._welcome_with(client, pool, slot),
-                lambda exc: client.fail("08P01", f"could not connect to server: {exc}"),
+                DirectWaiter(
+                    lambda slot: self._welcome_with(client, pool, slot),
+                    lambda exc: client.fail("08P01", f"could not connect to server: {exc}"),
+                )
             )
             if client.state is ClientState.LOGIN:
                 client._wait = handle
