@@ -14,6 +14,7 @@ connection released. Cases:
 - ``queued``: two clients on one server connection, so every transaction waits and is
   handed off (the pool-smaller-than-clients case, c=100 on 20);
 - ``extended``: pgbench -M extended (Parse/Bind/Describe/Execute/Sync, unnamed);
+- ``login``: pgbench -C, a new client connection per transaction (warm);
 - ``cold``, ``cold queued``: 20 and 100 clients on 20 server connections with the CPU
   caches flushed before each callback, as the kernel's TCP work flushes them in a real
   run. Warm numbers are about half of what pgbench sees; the cold ones are close to it.
@@ -97,7 +98,10 @@ def extended_response() -> bytes:
 
 async def setup(clients: int, servers: int) -> tuple[Proxy, list[ClientConnection], ServerPool]:
     config = config_from_args(
-        "127.0.0.1:0", "postgresql://bench@127.0.0.1:1/bench", pool_mode="transaction"
+        "127.0.0.1:0",
+        "postgresql://bench@127.0.0.1:1/bench",
+        pool_mode="transaction",
+        auth_type="trust",
     )
     proxy = Proxy(config)
     pool = proxy.pool_for("bench", "bench")
@@ -111,6 +115,7 @@ async def setup(clients: int, servers: int) -> tuple[Proxy, list[ClientConnectio
         return conn
 
     pool.server_driver.connect = connect  # type: ignore[method-assign]
+    pool.server_driver.welcome = dict(WELCOME)  # what the first real login records
     pool._resize(servers)
     slots = [await pool._lease(None) for _ in range(servers)]
     for slot in slots:
@@ -208,6 +213,33 @@ def cold_case(request: bytes, response: bytes, clients: int, n: int) -> Callable
     return cold
 
 
+def login_case(n: int) -> Callable[[], float]:
+    """pgbench -C: a new client per transaction (SSLRequest refused, trust login,
+    one query, Terminate, gone), warm. Microseconds per connection."""
+    proxy, _conns, pool = asyncio.get_event_loop().run_until_complete(setup(0, 1))
+    server = next(iter(pool._core.slots.values())).conn  # type: ignore[attr-defined]
+    startup = m.startup_message({"user": "bench", "database": "bench"})
+    request, response, bye = m.query(SQL), select_response(), m.terminate()
+
+    async def running() -> float:  # connection_made arms client_login_timeout's timer
+        start = time.perf_counter()
+        for _ in range(n):
+            client = ClientConnection(proxy)
+            client.connection_made(FakeTransport())  # type: ignore[arg-type]
+            client.data_received(m.ssl_request())
+            client.data_received(startup)
+            client.data_received(request)
+            server.data_received(response)
+            client.data_received(bye)
+            client.connection_lost(None)
+        return (time.perf_counter() - start) / n * 1e6
+
+    def logins() -> float:
+        return asyncio.get_event_loop().run_until_complete(running())
+
+    return logins
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transactions", type=int, default=100_000)
@@ -225,6 +257,7 @@ def main() -> None:
     cold = max(1, args.transactions // 50)
     cases["cold"] = cold_case(m.query(SQL), select_response(), 20, cold)
     cases["cold queued"] = cold_case(m.query(SQL), select_response(), 100, cold)
+    cases["login"] = login_case(max(1, args.transactions // 10))
     for name, case in cases.items():
         case()  # warm up
         best = min(case() for _ in range(args.rounds))

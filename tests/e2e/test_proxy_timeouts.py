@@ -30,6 +30,49 @@ def test_query_timeout(proxy_factory: ProxyFactory) -> None:
     run(main())
 
 
+def test_query_wait_timeout(proxy_factory: ProxyFactory) -> None:
+    """A client that waits too long for a server gets PgBouncer's error; the others
+    (and the proxy's other timeouts, checked by the same sweep) carry on."""
+    proxy = proxy_factory(default_pool_size="1", query_wait_timeout="1")
+
+    async def main() -> None:
+        holder = await asyncpg.connect(proxy.url(), statement_cache_size=0)
+        waiter = await asyncpg.connect(proxy.url(), statement_cache_size=0)
+        await holder.execute("BEGIN")  # the only server connection stays with the holder
+        started = time.monotonic()
+        with pytest.raises((asyncpg.PostgresError, asyncpg.ConnectionDoesNotExistError)) as err:
+            await waiter.fetchval("SELECT 1")
+        assert 0.9 < time.monotonic() - started < 3
+        assert "query_wait_timeout" in str(err.value) or waiter.is_closed()
+        assert await holder.fetchval("SELECT 'holder unaffected'") == "holder unaffected"
+        await holder.execute("COMMIT")
+        again = await asyncpg.connect(proxy.url(), statement_cache_size=0)
+        assert await again.fetchval("SELECT 2") == 2  # the sweep is still alive
+        for conn in (holder, again):
+            await conn.close()
+
+    run(main())
+
+
+def test_client_login_timeout(proxy_factory: ProxyFactory) -> None:
+    """A client that connects and never finishes its login is dropped; one that did
+    log in is not, however long ago that was."""
+    proxy = proxy_factory(client_login_timeout="1")
+
+    async def main() -> None:
+        logged_in = await asyncpg.connect(proxy.url(), statement_cache_size=0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) is not None  # EOF: closed on us
+        assert 0.9 < time.monotonic() - started < 3
+        writer.close()
+        await asyncio.sleep(0.6)
+        assert await logged_in.fetchval("SELECT 3") == 3
+        await logged_in.close()
+
+    run(main())
+
+
 def test_client_idle_timeout(proxy_factory: ProxyFactory) -> None:
     proxy = proxy_factory(client_idle_timeout="1")
 

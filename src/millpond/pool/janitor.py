@@ -8,8 +8,11 @@ housekeeping loop lives here too.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+log = logging.getLogger("millpond.pool")
 
 
 class Janitor:
@@ -40,7 +43,12 @@ class Janitor:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            self._tick()
+            try:
+                self._tick()
+            except Exception:  # a bug in one tick must not end housekeeping for good
+                log.exception(
+                    "%s: housekeeping failed; it runs again in %gs", self.name, self.interval
+                )
 
     async def stop(self) -> None:
         """Cancel everything and wait until it has all finished."""

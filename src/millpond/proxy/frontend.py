@@ -96,7 +96,6 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_greeting",
         "_held",
-        "_login_timer",
         "_reading_paused",
         "_wait",
         "addr",
@@ -125,6 +124,7 @@ class ClientConnection(asyncio.Protocol):
         "transport",
         "unsynced",
         "user",
+        "welcomed",
     )
 
     def __init__(self, proxy: Proxy) -> None:
@@ -160,7 +160,7 @@ class ClientConnection(asyncio.Protocol):
         self.connect_time = self.last_active  # for SHOW CLIENTS
         self.request_time = self.last_active
         self.busy_since = 0.0  # when the server started owing answers (query_timeout)
-        self._login_timer: asyncio.TimerHandle | None = None
+        self.welcomed = False  # logged in (client_login_timeout no longer applies)
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.user}@{self.database} {self.state.value} {self.addr}>"
@@ -170,11 +170,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.addr = transport.get_extra_info("peername") or "unix"
-        self.proxy.client_opened(self)
-        timeout = self.proxy.config.settings.client_login_timeout
-        if timeout:
-            loop = asyncio.get_running_loop()
-            self._login_timer = loop.call_later(timeout, self._login_timeout)
+        self.proxy.client_opened(self)  # its sweep enforces client_login_timeout
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -269,9 +265,7 @@ class ClientConnection(asyncio.Protocol):
 
     def welcome(self, server_params: dict[str, str]) -> None:
         """Finish the login: parameters, our own cancel key, ReadyForQuery."""
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
+        self.welcomed = True
         params = dict(server_params)
         for name, value in self.params.items():
             params[name] = value
@@ -292,10 +286,6 @@ class ClientConnection(asyncio.Protocol):
                 self.admin.data_ready(self)
         elif self.reader.buffered:
             self._need_server()
-
-    def _login_timeout(self) -> None:
-        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.LOGIN):
-            self.fail("08P01", "client_login_timeout")
 
     # -- getting and giving back a server -----------------------------------------
 
@@ -676,8 +666,6 @@ class ClientConnection(asyncio.Protocol):
         if self.state is ClientState.CLOSED:
             return
         self.state = ClientState.CLOSED
-        if self._login_timer is not None:
-            self._login_timer.cancel()
         if self._wait is not None and self.pool is not None:
             self.pool.cancel_wait(self._wait)
             self._wait = None

@@ -190,7 +190,7 @@ class Proxy:
         for client in list(self.clients):
             if client._wait is not None and client.pool is not None:
                 limit = client.pool.config.acquire_timeout  # query_wait_timeout
-                if now - client._wait[0].since > limit:
+                if now - client._wait.since > limit:
                     client.wait_expired()
                     continue
             reason = _timed_out(client, self.config.settings, now)
@@ -471,6 +471,9 @@ def _reserve_size(db: DatabaseEntry, user: UserEntry | None, default: int) -> in
 
 
 def _timed_out(client: ClientConnection, s: ProxySettings, now: float) -> str | None:
+    if not client.welcomed:
+        limit = s.client_login_timeout
+        return "client_login_timeout" if limit and now - client.connect_time > limit else None
     server = client.server
     idle_for = now - client.last_active
     if client.state is ClientState.IDLE:
