@@ -14,6 +14,8 @@ connection released. Cases:
 - ``queued``: two clients on one server connection, so every transaction waits and is
   handed off (the pool-smaller-than-clients case, c=100 on 20);
 - ``extended``: pgbench -M extended (Parse/Bind/Describe/Execute/Sync, unnamed);
+- ``prepared``: pgbench -M prepared, asyncpg's statement cache (Bind of a named
+  statement, which the proxy maps onto its server-side name);
 - ``login``: pgbench -C, a new client connection per transaction (warm);
 - ``cold``, ``cold queued``: 20 and 100 clients on 20 server connections with the CPU
   caches flushed before each callback, as the kernel's TCP work flushes them in a real
@@ -44,6 +46,7 @@ from millpond.proxy.protocol import messages as m
 from millpond.proxy.server import Proxy
 
 WELCOME = {"client_encoding": "UTF8", "DateStyle": "ISO, MDY", "TimeZone": "UTC"}
+READY = m.ready_for_query(m.TX_IDLE)
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;"
 
 
@@ -96,6 +99,15 @@ def extended_response() -> bytes:
     return _msg(b"1", b"") + _msg(b"2", b"") + select_response()
 
 
+def prepared_request() -> bytes:
+    """pgbench -M prepared, asyncpg's statement cache: Bind a named statement."""
+    return m.bind("", "P_0", [b"48213"]) + m.execute("") + m.sync()
+
+
+def prepared_response() -> bytes:
+    return _msg(b"2", b"") + select_response()[select_response().index(b"D") :]
+
+
 async def setup(clients: int, servers: int) -> tuple[Proxy, list[ClientConnection], ServerPool]:
     config = config_from_args(
         "127.0.0.1:0",
@@ -133,12 +145,23 @@ async def setup(clients: int, servers: int) -> tuple[Proxy, list[ClientConnectio
 
 
 def run_case(
-    name: str, clients: int, servers: int, request: bytes, response: bytes, n: int
+    name: str,
+    clients: int,
+    servers: int,
+    request: bytes,
+    response: bytes,
+    n: int,
+    prelude: tuple[bytes, bytes] | None = None,
 ) -> Callable[[], float]:
-    """A callable that runs ``n`` transactions and returns microseconds per transaction."""
+    """A callable that runs ``n`` transactions and returns microseconds per transaction
+    (``prelude``: a request and its answer exchanged once first, e.g. a Parse)."""
     _proxy, conns, pool = asyncio.get_event_loop().run_until_complete(setup(clients, servers))
     server_conns = [s.conn for s in pool._core.slots.values()]  # type: ignore[attr-defined]
     server = server_conns[0]
+    if prelude is not None:
+        for client in conns:
+            client.data_received(prelude[0])
+            server.data_received(prelude[1])
     for client in conns[:1]:  # sanity: a transaction ends with the server back in the pool
         client.data_received(request)
         assert client.server is server, "the client did not get the server connection"
@@ -247,16 +270,18 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile one round of each")
     args = parser.parse_args()
     asyncio.set_event_loop(asyncio.new_event_loop())
+    n = args.transactions
     cases = {
         "simple": run_case("simple", 1, 1, m.query(SQL), select_response(), args.transactions),
         "queued": run_case("queued", 2, 1, m.query(SQL), select_response(), args.transactions),
-        "extended": run_case(
-            "extended", 1, 1, extended_request(), extended_response(), args.transactions
-        ),
+        "extended": run_case("extended", 1, 1, extended_request(), extended_response(), n),
     }
     cold = max(1, args.transactions // 50)
     cases["cold"] = cold_case(m.query(SQL), select_response(), 20, cold)
     cases["cold queued"] = cold_case(m.query(SQL), select_response(), 100, cold)
+    parse = (m.parse("P_0", SQL.replace("48213", "$1")) + m.sync(), _msg(b"1", b"") + READY)
+    prepared = run_case("prepared", 1, 1, prepared_request(), prepared_response(), n, parse)
+    cases["prepared"] = prepared
     cases["login"] = login_case(max(1, args.transactions // 10))
     for name, case in cases.items():
         case()  # warm up

@@ -500,8 +500,13 @@ class ClientConnection(asyncio.Protocol):
         """Named prepared statements: map them onto the server's (see prepared.py)."""
         if self.rewriter is None:
             self.rewriter = Rewriter(self.proxy.registry, self.statements)
-        to_server, to_client = self.rewriter.requests(server, data, owed)
         assert server.transport is not None
+        if not self.unsynced:
+            renamed = self.rewriter.renamed_only(server.statements, data)
+            if renamed is not None:  # statements the server holds: rename, nothing to track
+                server.transport.write(renamed)
+                return
+        to_server, to_client = self.rewriter.requests(server, data, owed)
         if to_server:
             server.transport.write(to_server)
         if to_client and self.transport is not None:

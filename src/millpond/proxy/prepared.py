@@ -39,6 +39,8 @@ _LEN = struct.Struct("!I")
 
 #: Client message types that take the rewriting path.
 EXTENDED = frozenset(b"PBDCEH")
+#: Messages renamed_only passes as they are: Describe (of a portal), Execute, Sync, Flush.
+_PASS_THROUGH = frozenset(b"DESH")
 
 
 class Act(enum.Enum):
@@ -67,6 +69,10 @@ class Pending:
 class Statement:
     name: str  # the server-side name
     parse: bytes  # the Parse message that creates it under that name
+
+    @property
+    def name_bytes(self) -> bytes:
+        return self.name.encode()
 
 
 class Registry:
@@ -137,6 +143,56 @@ class Rewriter:
             else:
                 handler(self, st, raw, raw[5:], out)
         return b"".join(out), fakes_due(st)
+
+    def renamed_only(self, st: ServerStatements, data: bytes) -> bytes | None:
+        """The common case, cheaply: Bind, Describe, Execute, Sync and Flush messages
+        whose named statements this server connection already holds. They become the
+        same messages under the server-side names, and since the proxy adds and drops
+        nothing, every answer goes to the client as it comes: nothing to track. None
+        when anything else is in ``data``, or answers are being tracked: then
+        :meth:`requests` does the full job. ``data``: whole messages that leave the
+        server synced (else untracked answers could not be told from tracked ones)."""
+        if st.pending or st.skip_z:
+            return None
+        out: list[bytes] = []
+        pos, end = 0, len(data)
+        while pos < end:
+            kind = data[pos]
+            stop = pos + 1 + _LEN.unpack_from(data, pos + 1)[0]
+            if kind == 66:  # 'B': the portal name, then the statement name
+                portal_end = data.find(b"\0", pos + 5, stop)
+                name_end = data.find(b"\0", portal_end + 1, stop)
+                if portal_end < 0 or name_end < 0:
+                    return None
+                if name_end == portal_end + 1:  # the unnamed statement
+                    out.append(data[pos:stop])
+                else:
+                    server_name = self._held_name(st, data[portal_end + 1 : name_end])
+                    if server_name is None:
+                        return None
+                    body = data[pos + 5 : portal_end + 1] + server_name + data[name_end:stop]
+                    out.append(b"B" + _LEN.pack(len(body) + 4) + body)
+            elif kind == 68 and stop - pos < 7:
+                return None  # a Describe too short to be right: the careful path says so
+            elif kind == 68 and data[pos + 5] == 83 and data[pos + 6] != 0:  # 'D' statement
+                server_name = self._held_name(st, data[pos + 6 : stop - 1])
+                if server_name is None:
+                    return None
+                out.append(m.describe(b"S", server_name.decode()))
+            elif kind in _PASS_THROUGH:
+                out.append(data[pos:stop])
+            else:
+                return None
+            pos = stop
+        return b"".join(out)
+
+    def _held_name(self, st: ServerStatements, client_name: bytes) -> bytes | None:
+        """The server-side name of a client's statement this server holds, else None."""
+        stmt = self.names.get(client_name.decode(errors="replace"))
+        if stmt is None or stmt.name not in st.held:
+            return None
+        st.held.move_to_end(stmt.name)
+        return stmt.name_bytes
 
     # -- one handler per request type ---------------------------------------------
 
