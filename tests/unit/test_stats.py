@@ -37,3 +37,27 @@ def test_bucket_bounds_contain_value(us: int) -> None:
     assert us <= _bucket_upper_us(idx) or idx == len(Histogram().buckets) - 1
     if idx > 0 and us < 2**36:
         assert us > _bucket_upper_us(idx - 1)
+
+
+def test_zeros_counted_elsewhere_join_the_first_bucket() -> None:
+    h = Histogram()
+    for seconds in (0.002, 0.004, 0.008):
+        h.record(seconds)
+    snap = h.snapshot(zeros=97)
+    assert snap.count == 100
+    assert snap.buckets[0] == 97
+    assert sum(snap.buckets) == snap.count  # exporters need the buckets to add up
+    assert snap.p50 == 0.0  # most waits took nothing
+    assert snap.p99 >= 0.004
+    assert snap.sum == h.sum
+    assert snap.max == 0.008
+    assert h.count == 3  # the live histogram is left as it was
+
+
+@given(st.lists(st.floats(0, 100), max_size=50))
+def test_recorded_samples_land_in_buckets(samples: list[float]) -> None:
+    h = Histogram()
+    for seconds in samples:
+        h.record(seconds)
+    snap = h.snapshot()
+    assert snap.count == len(samples) == sum(snap.buckets)
