@@ -168,8 +168,9 @@ def _authentication(code: AuthCode, data: bytes = b"") -> bytes:
     return frame(AUTHENTICATION, _I32.pack(code) + data)
 
 
+@functools.cache
 def authentication_ok() -> bytes:
-    """AuthenticationOk: the client is in."""
+    """AuthenticationOk: the client is in (the same bytes every time: built once)."""
     return _authentication(AuthCode.OK)
 
 
@@ -217,8 +218,9 @@ def backend_key_data(pid: int, key: int | bytes) -> bytes:
     return frame(BACKEND_KEY_DATA, _I32.pack(pid) + _cancel_secret(key))
 
 
+@functools.lru_cache(maxsize=8)
 def ready_for_query(status: bytes = TX_IDLE) -> bytes:
-    """ReadyForQuery with a transaction status of ``I``, ``T`` or ``E``."""
+    """ReadyForQuery with a transaction status of ``I``, ``T`` or ``E`` (built once each)."""
     if len(status) != 1 or status not in TX_STATUSES:
         raise ValueError(f"transaction status must be one of b'I', b'T', b'E', got {status!r}")
     return frame(READY_FOR_QUERY, bytes(status))
