@@ -144,7 +144,7 @@ class PoolCore:
         """Queue a caller for the next free connection (after acquire_nowait failed)."""
         if self.closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
-        if self._fails_fast(now):
+        if self.breaker is not None and self._fails_fast(now):
             self.counters.breaker_rejected += 1
             future.set_exception(self._circuit_open(now))
             return Waiter(future, now)

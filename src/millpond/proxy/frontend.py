@@ -373,7 +373,8 @@ class ClientConnection(asyncio.Protocol):
             assert self.pool is not None
             self.pool.give(slot)  # we left while it was on its way
             return
-        self._resume_reading()
+        if self._reading_paused:
+            self._resume_reading()
         held, self._held = self._held, None
         self._link(slot, held)
 
