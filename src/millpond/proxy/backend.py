@@ -88,28 +88,11 @@ class ServerConnection(asyncio.Protocol):
     """One connection to PostgreSQL, owned by a pool, lent to one client at a time."""
 
     __slots__ = (
-        "_auth",
-        "_error",
-        "_on_internal_done",
-        "_waiter",
-        "applied",
-        "backend_key",
-        "backend_pid",
-        "budgets",
-        "cancels",
-        "client",
-        "needs_reset",
-        "outstanding",
-        "param_sig",
-        "params",
-        "reader",
-        "rows",
-        "state",
-        "statements",
-        "target",
-        "transport",
-        "tx_status",
-    )
+        "_auth", "_error", "_on_internal_done", "_waiter", "applied", "backend_key",
+        "backend_pid", "budgets", "cancels", "client", "needs_reset", "outstanding",
+        "param_sig", "params", "reader", "rows", "state", "statements", "target", "transport",
+        "tx_status"
+    )  # fmt: skip
 
     def __init__(self, target: ServerTarget) -> None:
         self.target = target

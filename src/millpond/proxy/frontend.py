@@ -94,38 +94,11 @@ class ClientConnection(asyncio.Protocol):
     """One application connection to the proxy."""
 
     __slots__ = (
-        "_greeting",
-        "_held",
-        "_reading_paused",
-        "_wait",
-        "addr",
-        "admin",
-        "auth",
-        "busy_since",
-        "connect_time",
-        "database",
-        "key",
-        "last_active",
-        "param_sig",
-        "params",
-        "pid",
-        "pool",
-        "proxy",
-        "reader",
-        "request_time",
-        "rewriter",
-        "server",
-        "session",
-        "slot",
-        "startup",
-        "state",
-        "statements",
-        "tls",
-        "transport",
-        "unsynced",
-        "user",
-        "welcomed",
-    )
+        "_greeting", "_held", "_reading_paused", "_wait", "addr", "admin", "auth", "busy_since",
+        "connect_time", "database", "key", "last_active", "param_sig", "params", "pid", "pool",
+        "proxy", "reader", "request_time", "rewriter", "server", "session", "slot", "startup",
+        "state", "statements", "tls", "transport", "unsynced", "user", "welcomed"
+    )  # fmt: skip
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
