@@ -14,11 +14,23 @@ from hypothesis import strategies as st
 
 from millpond.errors import ProtocolError
 from millpond.proxy import session
-from millpond.proxy.protocol import _scan, codec
+from millpond.proxy.protocol import codec
 from millpond.proxy.protocol import messages as m
 from tests.unit.proxy.canned import backend_stream, frontend_stream
 
 LIMIT = 1 << 20
+
+try:
+    from millpond.proxy.protocol import _scan
+except ImportError:  # each test below then fails saying why, instead of the whole run
+    _scan = None  # type: ignore[assignment]
+
+NOT_BUILT = "millpond was installed without its compiled helpers (is there a C compiler?)"
+
+
+@pytest.fixture(autouse=True)
+def _built() -> None:
+    assert _scan is not None, NOT_BUILT
 
 
 def test_the_compiled_helpers_are_in_use() -> None:
