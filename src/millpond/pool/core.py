@@ -175,14 +175,8 @@ class PoolCore:
             self._discard(slot, CloseReason.BROKEN, now)
             self._after_loss(slot, verdict is Release.LOST, now)
             return
-        # Most releases keep the connection: ask _retire_reason only when one of its
-        # conditions can hold (this runs on every release).
         config = self.config
-        reason = (
-            self._retire_reason(slot, now)
-            if self.closed or slot.retire is not None or config.max_uses or now >= slot.expires_at
-            else None
-        )
+        reason = self._retire_reason(slot, now)
         if reason is not None:
             self._retire(slot, reason)
             self._want_connections(now)

@@ -348,6 +348,8 @@ class ServerDriver(Driver):
         return conn
 
     def verdict(self, conn: ServerConnection) -> Release:
+        # ``closed``, spelt out: a property call here and in is_alive costs ~10% of the
+        # proxy's Python per transaction (bench/proxy_hotpath.py).
         transport = conn.transport
         if (
             conn.state is not _IDLE  # closed, or logging in, or running our own query
@@ -364,7 +366,7 @@ class ServerDriver(Driver):
         return _CLEAN
 
     def is_alive(self, conn: ServerConnection) -> bool:
-        transport = conn.transport
+        transport = conn.transport  # ``not conn.closed``, spelt out (see verdict)
         return conn.state is not _CLOSED and transport is not None and not transport.is_closing()
 
     async def reset(self, conn: ServerConnection) -> None:

@@ -286,10 +286,10 @@ class ClientConnection(asyncio.Protocol):
         elif self.state is not ClientState.CLOSED:
             self._queue(pool)
 
-    def _take(self, pool: ServerPool) -> Slot | None:
+    def _take(self, pool: ServerPool, now: float = 0.0) -> Slot | None:
         """An idle server connection, or None; a closed pool fails (and closes) the client."""
         try:
-            return pool.take()
+            return pool.take(now)
         except PoolClosed:
             self.fail("08P01", "pooler is shutting down")
             return None
@@ -362,11 +362,11 @@ class ClientConnection(asyncio.Protocol):
             self._wait = None
         self.fail("08P01", "query_wait_timeout")
 
-    def _link(self, slot: Slot, span: tuple[bytes, bytes] | None = None) -> None:
+    def _link(self, slot: Slot, span: tuple[bytes, bytes] | None = None, now: float = 0.0) -> None:
         server: ServerConnection = slot.conn
         self.slot, self.server = slot, server
         server.client = self
-        self.state = ClientState.ACTIVE
+        self.state = _ACTIVE
         wanted = self.session.wanted
         if server.param_sig != self.param_sig or server.applied != wanted:
             sets = ";".join(
@@ -382,7 +382,7 @@ class ClientConnection(asyncio.Protocol):
                 server.run_internal(sets, self._after_sets)
                 return
         if span is not None:
-            self._forward_span(*span)
+            self._forward_span(span[0], span[1], now)
         else:
             self._forward()
 
@@ -423,22 +423,13 @@ class ClientConnection(asyncio.Protocol):
             self._need_server()
             return
         now = self.request_time = self.last_active
-        try:
-            slot = pool.take(now)
-        except PoolClosed:
-            self.fail("08P01", "pooler is shutting down")
+        slot = self._take(pool, now)
+        if self.state is _CLOSED:
             return
         if slot is None:
             self._queue(pool, (data, types))
             return
-        server: ServerConnection = slot.conn
-        if server.param_sig != self.param_sig or server.applied != self.session.wanted:
-            self._link(slot, (data, types))  # the server needs SETs first
-            return
-        self.slot, self.server = slot, server
-        server.client = self
-        self.state = _ACTIVE
-        self._forward_span(data, types, now)
+        self._link(slot, (data, types), now)
 
     def _forward_span(self, data: Any, types: bytes, now: float = 0.0) -> None:
         """Send whole client messages to the linked server, keeping the protocol books
@@ -535,11 +526,6 @@ class ClientConnection(asyncio.Protocol):
     def _transaction_done(self, server: ServerConnection, now: float = 0.0) -> None:
         """Transaction mode, server idle: settle session state, then release (or stay)."""
         session = self.session
-        if not (session.reset_all or session.pending or session.pinned):
-            self._unlink(now)  # the common case: nothing to settle
-            if self.reader.buffered:
-                self._need_server()
-            return
         if session.reset_all:
             session.forget_all(server.applied)
         if session.pending:
@@ -550,7 +536,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if session.pinned:
             return  # this server connection is the client's until it leaves
-        self._unlink()
+        self._unlink(now)
         if self.reader.buffered:
             self._need_server()
 
