@@ -10,14 +10,18 @@ is what ``pgbench -S`` sends in transaction mode: a Query from the client; the s
 RowDescription, DataRow, CommandComplete and ReadyForQuery(idle) back; the server
 connection released. Cases:
 
-- ``simple``: one client, one server connection (no waiting);
+- ``simple``: one client, one server connection (no waiting), which the idle client
+  keeps between transactions (server affinity, on by default);
+- ``simple released``: the same with ``server_affinity = 0``: the server connection goes
+  back to the pool after every transaction and is taken again for the next;
 - ``queued``: two clients on one server connection, so every transaction waits and is
   handed off (the pool-smaller-than-clients case, c=100 on 20);
 - ``extended``: pgbench -M extended (Parse/Bind/Describe/Execute/Sync, unnamed);
 - ``prepared``: pgbench -M prepared, asyncpg's statement cache (Bind of a named
   statement, which the proxy maps onto its server-side name);
 - ``login``: pgbench -C, a new client connection per transaction (warm);
-- ``cold``, ``cold queued``: 20 and 100 clients on 20 server connections with the CPU
+- ``cold``, ``cold released``, ``cold queued``: 20 (with and without server affinity)
+  and 100 clients on 20 server connections with the CPU
   caches flushed before each callback, as the kernel's TCP work flushes them in a real
   run. Warm numbers are about half of what pgbench sees; the cold ones are close to it.
 
@@ -108,7 +112,9 @@ def prepared_response() -> bytes:
     return _msg(b"2", b"") + select_response()[select_response().index(b"D") :]
 
 
-async def setup(clients: int, servers: int) -> tuple[Proxy, list[ClientConnection], ServerPool]:
+async def setup(
+    clients: int, servers: int, affinity: bool = True
+) -> tuple[Proxy, list[ClientConnection], ServerPool]:
     config = config_from_args(
         "127.0.0.1:0",
         "postgresql://bench@127.0.0.1:1/bench",
@@ -117,6 +123,7 @@ async def setup(clients: int, servers: int) -> tuple[Proxy, list[ClientConnectio
     )
     proxy = Proxy(config)
     pool = proxy.pool_for("bench", "bench")
+    pool.affinity = affinity  # server_affinity (on by default)
 
     async def connect(timeout: float) -> ServerConnection:
         conn = ServerConnection(pool.server_driver.target)
@@ -152,10 +159,12 @@ def run_case(
     response: bytes,
     n: int,
     prelude: tuple[bytes, bytes] | None = None,
+    affinity: bool = True,
 ) -> Callable[[], float]:
     """A callable that runs ``n`` transactions and returns microseconds per transaction
     (``prelude``: a request and its answer exchanged once first, e.g. a Parse)."""
-    _proxy, conns, pool = asyncio.get_event_loop().run_until_complete(setup(clients, servers))
+    loop = asyncio.get_event_loop()
+    _proxy, conns, pool = loop.run_until_complete(setup(clients, servers, affinity))
     server_conns = [s.conn for s in pool._core.slots.values()]  # type: ignore[attr-defined]
     server = server_conns[0]
     if prelude is not None:
@@ -163,10 +172,13 @@ def run_case(
             client.data_received(prelude[0])
             server.data_received(prelude[1])
     for client in conns[:1]:  # sanity: a transaction ends with the server back in the pool
-        client.data_received(request)
+        client.data_received(request)  # (or, with affinity, kept by its idle client)
         assert client.server is server, "the client did not get the server connection"
         server.data_received(response)
-        assert client.server is None, "the server connection was not released"
+        if affinity:  # nobody waits here
+            assert client.keeps and client.server is server, "the server was not kept"
+        else:
+            assert client.server is None, "the server connection was not released"
 
     def one_server() -> float:
         client = conns[0]
@@ -192,14 +204,17 @@ def run_case(
     return queued if clients > servers else one_server
 
 
-def cold_case(request: bytes, response: bytes, clients: int, n: int) -> Callable[[], float]:
+def cold_case(
+    request: bytes, response: bytes, clients: int, n: int, affinity: bool = True
+) -> Callable[[], float]:
     """``clients`` clients on 20 server connections, the CPU caches flushed before each
     callback, as the kernel's TCP work between two callbacks flushes them in a real
     run: this is close to what pgbench sees (the warm numbers are about half of it).
     With more clients than servers, every transaction waits and is handed off."""
     from collections import deque
 
-    _proxy, conns, _pool = asyncio.get_event_loop().run_until_complete(setup(clients, 20))
+    loop = asyncio.get_event_loop()
+    _proxy, conns, _pool = loop.run_until_complete(setup(clients, 20, affinity))
     junk = bytearray(8 << 20)
     touch = b"\x01" * len(junk[::64])
 
@@ -221,9 +236,9 @@ def cold_case(request: bytes, response: bytes, clients: int, n: int) -> Callable
             assert server is not None
             flush()
             start = clock()
-            server.data_received(response)  # done: released, maybe handed to a waiter
+            server.data_received(response)  # done: released (or kept), maybe handed off
             spent = clock() - start
-            if server.client is not None:
+            if server.client is not None and server.client is not client:
                 active.append(server.client)
             flush()
             start = clock()
@@ -273,11 +288,15 @@ def main() -> None:
     n = args.transactions
     cases = {
         "simple": run_case("simple", 1, 1, m.query(SQL), select_response(), args.transactions),
+        "simple released": run_case(
+            "simple", 1, 1, m.query(SQL), select_response(), n, affinity=False
+        ),
         "queued": run_case("queued", 2, 1, m.query(SQL), select_response(), args.transactions),
         "extended": run_case("extended", 1, 1, extended_request(), extended_response(), n),
     }
     cold = max(1, args.transactions // 50)
     cases["cold"] = cold_case(m.query(SQL), select_response(), 20, cold)
+    cases["cold released"] = cold_case(m.query(SQL), select_response(), 20, cold, False)
     cases["cold queued"] = cold_case(m.query(SQL), select_response(), 100, cold)
     parse = (m.parse("P_0", SQL.replace("48213", "$1")) + m.sync(), _msg(b"1", b"") + READY)
     prepared = run_case("prepared", 1, 1, prepared_request(), prepared_response(), n, parse)
@@ -286,7 +305,7 @@ def main() -> None:
     for name, case in cases.items():
         case()  # warm up
         best = min(case() for _ in range(args.rounds))
-        print(f"{name:12s} {best:6.2f} us/transaction")
+        print(f"{name:15s} {best:6.2f} us/transaction")
         if args.profile:
             profiler = cProfile.Profile()
             profiler.runcall(case)

@@ -273,6 +273,7 @@ class ProxySource:
         from millpond.proxy.admin_show import client_state, pool_rows
 
         proxy = self.proxy
+        proxy.release_kept()  # the pools as they would be without server affinity
         rows = {(r.database, r.user): r for r in pool_rows(proxy)}
         clients, per_pool = _count_clients(proxy, client_state)
         pools = tuple(

@@ -281,6 +281,7 @@ class AdminSession:
     def execute(self, text: str) -> None:
         """Run every command in one Query message, then say ReadyForQuery."""
         self._text = text
+        self.proxy.release_kept()  # SHOW, PAUSE, KILL... see the pools as PgBouncer would
         self._queue = deque(split_statements(text))
         self._single = len(self._queue) == 1
         if not self._queue:
@@ -607,6 +608,7 @@ def pause_database(proxy: Proxy, database: str) -> None:
     paused_databases(proxy).add(database)
     for pool in _pools(proxy, database):
         pool.paused = True
+        pool.release_kept()
 
 
 def resume(proxy: Proxy, database: str | None) -> None:

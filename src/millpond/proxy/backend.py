@@ -162,8 +162,18 @@ class ServerConnection(asyncio.Protocol):
 
     # -- login, internal queries and unsolicited messages ---------------------------
 
-    def _inspect(self) -> None:
-        for msg in self.reader:
+    def unsolicited(self, data: bytes) -> None:
+        """Messages the server sent on its own while idle for a client that kept it
+        (server affinity): handled as if it sat in the pool."""
+        reader = MessageReader()
+        reader.feed(data)
+        try:
+            self._inspect(reader)
+        except ProtocolError as exc:
+            self.abort(f"server sent a bad message: {exc}")
+
+    def _inspect(self, messages: MessageReader | None = None) -> None:
+        for msg in self.reader if messages is None else messages:
             kind, payload = msg.type, msg.payload
             if kind == m.AUTHENTICATION and self.state is ServerState.LOGIN:
                 self._authenticate(payload)

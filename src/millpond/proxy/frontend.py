@@ -95,9 +95,9 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "_greeting", "_held", "_reading_paused", "_wait", "addr", "admin", "auth", "busy_since",
-        "connect_time", "database", "key", "last_active", "param_sig", "params", "pid", "pool",
-        "proxy", "reader", "request_time", "rewriter", "server", "session", "slot", "startup",
-        "state", "statements", "tls", "transport", "unsynced", "user", "welcomed"
+        "connect_time", "database", "keeps", "key", "last_active", "param_sig", "params", "pid",
+        "pool", "proxy", "reader", "request_time", "rewriter", "server", "session", "slot",
+        "startup", "state", "statements", "tls", "transport", "unsynced", "user", "welcomed"
     )  # fmt: skip
 
     def __init__(self, proxy: Proxy) -> None:
@@ -113,6 +113,7 @@ class ClientConnection(asyncio.Protocol):
         self.pool: ServerPool | None = None
         self.server: ServerConnection | None = None
         self.slot: Slot | None = None
+        self.keeps = False  # idle, still holding its last server (ServerPool.affinity)
         self.unsynced = False
         # Our BackendKeyData: the pid only names the connection (a counter will do);
         # the key is what makes a CancelRequest hard to forge.
@@ -266,6 +267,8 @@ class ClientConnection(asyncio.Protocol):
         """Link to a server connection when a complete message is waiting."""
         pool = self.pool
         assert pool is not None
+        if self.keeps:  # the uncommon ways to a request (partial data, pause): plainly
+            self.unkeep()
         scan = self.reader.scan(stop=b"X")
         if not scan.length:
             return
@@ -289,7 +292,10 @@ class ClientConnection(asyncio.Protocol):
     def _take(self, pool: ServerPool, now: float = 0.0) -> Slot | None:
         """An idle server connection, or None; a closed pool fails (and closes) the client."""
         try:
-            return pool.take(now)
+            slot = pool.take(now)
+            if slot is None and pool.kept:
+                slot = pool.take_kept(now)  # one an idle client kept
+            return slot
         except PoolClosed:
             self.fail("08P01", "pooler is shutting down")
             return None
@@ -423,6 +429,13 @@ class ClientConnection(asyncio.Protocol):
             self._need_server()
             return
         now = self.request_time = self.last_active
+        if self.keeps:  # server affinity: its last server is still linked and idle
+            self.keeps = False
+            del pool.kept[self]
+            pool.lends.acquires += 1  # a lend all the same, for the statistics
+            self.state = _ACTIVE
+            self._forward_span(data, types, now)
+            return
         slot = self._take(pool, now)
         if self.state is _CLOSED:
             return
@@ -490,6 +503,10 @@ class ClientConnection(asyncio.Protocol):
         self, server: ServerConnection, data: Any, types: bytes, ready: bytes | None
     ) -> None:
         """Bytes from our linked server: forward them; release the server when idle."""
+        if self.keeps:  # unsolicited, to an idle client: the pool's business, not ours
+            self.unkeep()
+            server.unsolicited(bytes(data))
+            return
         st = server.statements
         if st.pending or st.skip_z:
             data = responses(st, bytes(data))
@@ -536,9 +553,28 @@ class ClientConnection(asyncio.Protocol):
             return
         if session.pinned:
             return  # this server connection is the client's until it leaves
+        pool = self.pool
+        assert pool is not None
+        if (
+            pool.affinity
+            and not pool.waiters
+            and not self.reader.buffered
+            and not pool.paused
+            and not self.proxy.shutting_down
+        ):
+            self.state = _IDLE
+            self.keeps = True  # until someone else needs it: see ServerPool.take_kept
+            pool.kept[self] = None
+            return
         self._unlink(now)
         if self.reader.buffered:
             self._need_server()
+
+    def unkeep(self, now: float = 0.0) -> None:
+        """Give back the server this idle client kept (another client, or housekeeping,
+        needs the pool to see it)."""
+        if self.keeps:
+            self._unlink(now)
 
     def _settled(self, server: ServerConnection, names: list[str]) -> None:
         if server is not self.server or self.state is ClientState.CLOSED:
@@ -588,6 +624,10 @@ class ClientConnection(asyncio.Protocol):
     def _unlink(self, now: float = 0.0) -> None:
         server, slot, pool = self.server, self.slot, self.pool
         self.server = self.slot = None
+        if self.keeps:
+            self.keeps = False
+            if pool is not None:
+                pool.kept.pop(self, None)
         if self.state is not _CLOSED:
             self.state = _IDLE
         if server is not None:
@@ -602,6 +642,9 @@ class ClientConnection(asyncio.Protocol):
 
     def server_lost(self, server: ServerConnection) -> None:
         if server is self.server:
+            if self.keeps:  # it died idle: as in the pool, nothing of ours was lost
+                self._unlink()
+                return
             self._unlink()
             self.fail("08P01", "server conn crashed?")
 

@@ -35,6 +35,12 @@ class Handoff(Protocol):
     def set_exception(self, exc: BaseException) -> None: ...
 
 
+class Keeper(Protocol):
+    """An idle client still holding its last server connection (server affinity)."""
+
+    def unkeep(self, now: float = 0.0) -> None: ...
+
+
 class DirectWaiter:
     """A :class:`Handoff` that calls back (the proxy's logins use it)."""
 
@@ -93,6 +99,14 @@ class ServerPool(Pool):
         self.session_pinning = "pin"
         #: rewrite named prepared statements (transaction/statement modes; PgBouncer 1.21+)
         self.rewrites = mode != "session" and driver.target.max_prepared > 0
+        #: server affinity: in transaction and statement modes an idle client keeps its
+        #: last server connection until someone else needs it (see :meth:`take_kept`)
+        self.affinity = False
+        #: the clients keeping one, oldest first (a dict as an ordered set)
+        self.kept: dict[Keeper, None] = {}
+        #: the core's queue and counters, for the clients' hot path (the same objects)
+        self.waiters = self._core.waiters
+        self.lends = self._core.counters
 
     def start(self) -> None:
         """Open without waiting (prewarming to min_pool_size happens in the background)."""
@@ -104,6 +118,26 @@ class ServerPool(Pool):
 
     #: An idle server connection now, or None (PoolClosed if the pool is closed).
     take = Pool._take_nowait
+
+    def take_kept(self, now: float = 0.0) -> Slot | None:
+        """No server was idle: take back the one kept longest, and lend it (or None).
+
+        What PgBouncer's pool would hold as idle, a kept server holds for one client
+        as a shortcut; the first other client that needs it gets it at once.
+        """
+        kept = self.kept
+        while kept:
+            next(iter(kept)).unkeep(now)  # back to the pool core, as any release
+            slot = self._take_nowait(now)
+            if slot is not None:
+                return slot
+        return None
+
+    def release_kept(self) -> None:
+        """Every kept server back to the pool (the sweep, admin commands, pause, reload):
+        what the core and SHOW see is then what it would be without affinity."""
+        for client in list(self.kept):
+            client.unkeep()
 
     def wait(self, handoff: Handoff, now: float = 0.0) -> Waiter:
         """Queue for a server connection, handed to ``handoff`` synchronously.
@@ -150,6 +184,7 @@ class ServerPool(Pool):
 
     def reconnect(self) -> None:
         """Close idle server connections now, and lent ones when they come back."""
+        self.release_kept()
         core = self._core
         for slot in core.slots.values():
             slot.retire = CloseReason.LIFETIME
@@ -159,6 +194,7 @@ class ServerPool(Pool):
 
     def reconfigure(self, mode: str, settings: dict[str, Any]) -> None:
         """New sizes and timeouts after a reload; connections adapt as they cycle."""
+        self.release_kept()
         self.mode = mode
         self.rewrites = mode != "session" and self.server_driver.target.max_prepared > 0
         config = PoolConfig(**settings)

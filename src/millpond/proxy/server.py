@@ -160,6 +160,7 @@ class Proxy:
         "immediate" (SIGQUIT, or a second signal): close at once.
         """
         self.shutting_down = mode
+        self.release_kept()
         for server in self.servers:
             server.close()
         loop = asyncio.get_running_loop()
@@ -179,8 +180,16 @@ class Proxy:
         if self.stats_server is not None:  # readable until the very end of a drain
             await self.stats_server.close()
 
+    def release_kept(self) -> None:
+        """Kept servers (server affinity) back to their pools, so that every pool's
+        state is what it would be without affinity: for SHOW, metrics, pause, shutdown."""
+        for pool in self.pools.values():
+            if pool.kept:
+                pool.release_kept()
+
     def _sweep(self) -> None:
         """PgBouncer's timeouts and the reserve pool, checked twice a second."""
+        self.release_kept()  # affinity lasts half a second at most: timeouts see the rest
         now = monotonic()
         for pool in self.pools.values():
             if pool._core.waiters:
@@ -347,7 +356,7 @@ class Proxy:
             **pool_settings(config, db, user_entry),
         )
         pool.paused = self.paused or database in self.paused_databases
-        pool.session_pinning = db.session_pinning or s.session_pinning
+        _set_policies(pool, db, s)
         pool.reserve = _reserve_size(db, user_entry, s.reserve_pool_size)
         pool.reserve_timeout = s.reserve_pool_timeout
         pool.start()
@@ -377,7 +386,7 @@ class Proxy:
 
     def cancel(self, request: CancelRequest) -> None:
         client = self.by_key.get((request.pid, request.secret))
-        if client is None or client.server is None:
+        if client is None or client.server is None or client.keeps:
             return  # nothing running for that key: like PostgreSQL, say nothing
         server = client.server
         server.cancels += 1
@@ -442,6 +451,7 @@ class Proxy:
             pool.reconfigure(
                 pool_mode(new, db, new.users.get(user)), pool_settings(new, db, new.users.get(user))
             )
+            _set_policies(pool, db, new.settings)
 
     def reconnect(self, database: str | None = None) -> None:
         for (db, _user), pool in self.pools.items():
@@ -452,6 +462,7 @@ class Proxy:
         self.paused = True
         for pool in self.pools.values():
             pool.paused = True
+        self.release_kept()
 
     def resume(self) -> None:
         self.paused = False
@@ -460,6 +471,20 @@ class Proxy:
         parked, self.parked = self.parked, []
         for client in parked:
             client.resume_from_pause()
+
+
+def _set_policies(pool: ServerPool, db: DatabaseEntry, s: ProxySettings) -> None:
+    """The pool's millpond-only behaviours, from the settings (at creation and reload)."""
+    pool.session_pinning = db.session_pinning or s.session_pinning
+    # affinity skips the release, so not where every release must run a query
+    pool.affinity = (
+        s.server_affinity
+        and pool.mode != "session"
+        and not s.server_reset_query_always
+        and s.server_check_delay > 0
+    )
+    if not pool.affinity:
+        pool.release_kept()
 
 
 def _reserve_size(db: DatabaseEntry, user: UserEntry | None, default: int) -> int:

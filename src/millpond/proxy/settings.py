@@ -357,6 +357,9 @@ class ProxySettings:
     # millpond: what transaction mode does with session state that cannot move
     # between server connections: "pin" the client to its server, or "reject" it.
     session_pinning: SessionPinning = field(default="pin", metadata=_PINNING)
+    # millpond: in transaction/statement mode an idle client keeps its last server
+    # connection until another client needs it (saves the release and the next take)
+    server_affinity: bool = _bool(True)
 
     def __post_init__(self) -> None:
         _normalize_fields(self)

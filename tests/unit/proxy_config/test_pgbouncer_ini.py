@@ -270,6 +270,7 @@ PGBOUNCER_DEFAULTS: dict[str, object] = {
     "server_tls_ciphers": "default", "server_tls13_ciphers": None,
     "stats_listen_addr": None, "stats_listen_port": None,
     "session_pinning": "pin",  # millpond
+    "server_affinity": True,  # millpond
 }  # fmt: skip
 
 
