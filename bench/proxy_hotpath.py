@@ -176,7 +176,8 @@ def run_case(
         assert client.server is server, "the client did not get the server connection"
         server.data_received(response)
         if affinity:  # nobody waits here
-            assert client.keeps and client.server is server, "the server was not kept"
+            assert client.keeps, "the server was not kept"
+            assert client.server is server, "the kept server is not the one it had"
         else:
             assert client.server is None, "the server connection was not released"
 
