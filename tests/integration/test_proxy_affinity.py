@@ -11,6 +11,7 @@ Each test runs a proxy in this process, so it can look at the pool it drives.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -18,6 +19,7 @@ import psycopg
 import pytest
 
 from millpond.embedded import PostgresCluster
+from millpond.proxy.config import load_config
 from millpond.proxy.pools import ServerPool
 from millpond.proxy.server import Proxy
 from tests.helpers import run
@@ -182,5 +184,44 @@ def test_admin_pause_and_sweep_see_kept_servers_as_idle(pg_cluster: PostgresClus
             assert await asyncio.wait_for(query, 10) == 5
             await admin.close()
             await a.close()
+
+    run(main())
+
+
+def test_reload_applies_affinity_and_pinning_to_running_pools(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    ini = tmp_path / "pgbouncer.ini"
+
+    def write(extra: str) -> None:
+        ini.write_text(
+            "[databases]\n"
+            f"postgres = host=127.0.0.1 port={pg_cluster.port} dbname=postgres user=postgres\n"
+            "[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = 0\nunix_socket_dir =\n"
+            f"auth_type = trust\npool_mode = transaction\n{extra}"
+        )
+
+    async def main() -> None:
+        write("")
+        proxy = Proxy(load_config(ini))
+        await proxy.start()
+        try:
+            a = await client(proxy)
+            await a.fetchval("SELECT 1")
+            pool = the_pool(proxy)
+            assert pool.kept
+            assert pool.session_pinning == "pin"
+            write("server_affinity = 0\nsession_pinning = reject\n")
+            assert proxy.reload()
+            assert not pool.affinity
+            assert pool.session_pinning == "reject"  # the running pool, not only new ones
+            assert not pool.kept
+            await a.fetchval("SELECT 1")
+            assert not pool.kept
+            with pytest.raises(asyncpg.FeatureNotSupportedError, match="session_pinning"):
+                await a.execute("CREATE TEMP TABLE t (x int)")
+            await a.close()
+        finally:
+            await proxy.shutdown(timeout=1)
 
     run(main())
