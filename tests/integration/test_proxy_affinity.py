@@ -157,6 +157,30 @@ def test_a_cancel_for_an_idle_client_reaches_no_server(pg_cluster: PostgresClust
     run(main())
 
 
+def test_no_affinity_while_a_cancel_is_in_flight(pg_cluster: PostgresCluster) -> None:
+    """A cancel still on its way when the transaction ends could hit the client's next
+    query: the server is held back until it is done, then goes to the pool."""
+
+    async def main() -> None:
+        async with running_proxy(pg_cluster) as proxy:
+            a = await client(proxy)
+            await a.fetchval("SELECT 1")
+            pool = the_pool(proxy)
+            (kept,) = pool.kept
+            server = kept.server  # type: ignore[attr-defined]
+            server.cancels += 1  # as Proxy.cancel does before sending one
+            await a.fetchval("SELECT 2")
+            assert not pool.kept  # not kept ...
+            assert idle_servers(pool) == 0  # ... nor pooled: held back
+            proxy._cancel_done(server)
+            assert idle_servers(pool) == 1
+            assert await a.fetchval("SELECT 3") == 3
+            assert pool.kept
+            await a.close()
+
+    run(main())
+
+
 def test_admin_pause_and_sweep_see_kept_servers_as_idle(pg_cluster: PostgresCluster) -> None:
     async def main() -> None:
         async with running_proxy(pg_cluster, default_pool_size="3") as proxy:

@@ -559,6 +559,7 @@ class ClientConnection(asyncio.Protocol):
             pool.affinity
             and not pool.waiters
             and not self.reader.buffered
+            and not server.cancels  # a late cancel must not meet this client's next query
             and not pool.paused
             and not self.proxy.shutting_down
         ):

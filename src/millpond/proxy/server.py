@@ -407,11 +407,15 @@ class Proxy:
         except (OSError, TimeoutError) as exc:
             log.warning("cancel request to %s failed: %s", target.describe(), exc)
         finally:
-            server.cancels -= 1
-            if not server.cancels:
-                pending = self._pending_release.pop(id(server), None)
-                if pending is not None:
-                    pending[0].give(pending[1])
+            self._cancel_done(server)
+
+    def _cancel_done(self, server: Any) -> None:
+        """One cancel request for ``server`` is over; the last one frees it if held back."""
+        server.cancels -= 1
+        if not server.cancels:
+            pending = self._pending_release.pop(id(server), None)
+            if pending is not None:
+                pending[0].give(pending[1])
 
     def release_after_cancel(self, pool: ServerPool, slot: Slot) -> None:
         """Hold a server back until its cancel requests are done, so they hit no one else."""
