@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import psycopg
 import pytest
 
 from millpond.embedded import PostgresCluster
+from millpond.proxy.protocol import messages as m
 from tests.e2e.conftest import ProxyFactory
 
 
@@ -68,6 +70,29 @@ def test_clients_talk_tls_to_the_proxy(proxy_factory: ProxyFactory, certs: Path)
         assert conn.execute("SELECT 1").fetchone() == (1,)
     with pytest.raises(psycopg.OperationalError, match="SSL required"):
         psycopg.connect(url + "?sslmode=disable")
+
+
+def test_plaintext_stuffed_after_ssl_request_is_refused(
+    proxy_factory: ProxyFactory, certs: Path
+) -> None:
+    """A StartupMessage sent in the clear right behind the SSLRequest (a man in the
+    middle injecting a login) is refused before any handshake; others carry on."""
+    proxy = proxy_factory(
+        client_tls_sslmode="require",
+        client_tls_cert_file=str(certs / "cert.pem"),
+        client_tls_key_file=str(certs / "key.pem"),
+    )
+    startup = m.startup_message({"user": "postgres", "database": "postgres"})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(m.ssl_request() + startup)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer[:1] == b"E"  # an error, not 'S' and a handshake
+    assert b"received unencrypted data after SSL request" in answer
+    assert b"08P01" in answer
+    with psycopg.connect(proxy.url() + "?sslmode=require") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_proxy_talks_tls_to_the_server(

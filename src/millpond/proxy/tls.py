@@ -53,6 +53,13 @@ def negotiate_client_tls(proxy: Proxy, client: ClientConnection, ssl_request: bo
     if ctx is None:
         transport.write(m.SSL_REJECTED)
         return
+    if client.startup.buffered:
+        # Bytes sent in the clear behind the SSLRequest would be read as if they had come
+        # through TLS: a man in the middle's way to inject a login (CVE-2021-23214 in
+        # PostgreSQL). Refuse, as PostgreSQL does.
+        log.warning("%s sent unencrypted data after its SSLRequest: closing", client.addr)
+        client.fail("08P01", "received unencrypted data after SSL request")
+        return
     transport.write(m.SSL_ACCEPTED)
     transport.pause_reading()
     proxy.janitor.spawn(_handshake(client, ctx), "client-tls")
