@@ -22,17 +22,10 @@ from typing import TYPE_CHECKING, Any, cast
 from millpond.errors import PoolClosed, ProtocolError
 from millpond.pool.state import Slot
 from millpond.proxy.backend import TRACKED_PARAMS, ServerConnection
+from millpond.proxy.login import ClientHandshake
 from millpond.proxy.prepared import Rewriter, Statement, responses
 from millpond.proxy.protocol import messages as m
-from millpond.proxy.protocol.codec import (
-    CancelRequest,
-    GSSENCRequest,
-    MessageReader,
-    SSLRequest,
-    StartupMessage,
-    StartupReader,
-    names_statements,
-)
+from millpond.proxy.protocol.codec import MessageReader, names_statements
 from millpond.proxy.protocol.parsers import decode_parameter_status, decode_parse, decode_query
 from millpond.proxy.session import SessionTracker, alignment_sql, readback_sql
 from millpond.proxy.session import hint as session_hint
@@ -94,17 +87,17 @@ class ClientConnection(asyncio.Protocol):
     """One application connection to the proxy."""
 
     __slots__ = (
-        "_greeting", "_held", "_reading_paused", "_wait", "addr", "admin", "auth", "busy_since",
-        "connect_time", "database", "keeps", "key", "last_active", "param_sig", "params", "pid",
+        "_held", "_reading_paused", "_wait", "addr", "admin", "busy_since", "connect_time",
+        "database", "handshake", "keeps", "key", "last_active", "param_sig", "params", "pid",
         "pool", "proxy", "reader", "request_time", "rewriter", "server", "session", "slot",
-        "startup", "state", "statements", "tls", "transport", "unsynced", "user", "welcomed"
+        "state", "statements", "tls", "transport", "unsynced", "user", "welcomed"
     )  # fmt: skip
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.transport: asyncio.Transport | None = None
         self.state = ClientState.STARTUP
-        self.startup = StartupReader()
+        self.handshake: ClientHandshake | None = ClientHandshake(self)  # until welcomed
         self.reader = MessageReader()
         self.user = ""
         self.database = ""
@@ -124,12 +117,10 @@ class ClientConnection(asyncio.Protocol):
         self.statements: dict[str, Statement] = {}  # named prepared statements
         self.session = SessionTracker()
         self.rewriter: Rewriter | None = None
-        self.auth: Any = None
         self.admin: Any = None
         self._wait: Any = None
         self._held: tuple[bytes, bytes] | None = None  # scanned data waiting for a server
         self._reading_paused = False  # the client sent too much while waiting
-        self._greeting = b""  # AuthenticationOk (and SASLFinal), held for the welcome
         self.last_active = monotonic()  # for client_idle_timeout / idle_transaction_timeout
         self.connect_time = self.last_active  # for SHOW CLIENTS
         self.request_time = self.last_active
@@ -165,10 +156,12 @@ class ClientConnection(asyncio.Protocol):
                     self.reader.feed(data)
                     self._need_server()
             elif state is ClientState.STARTUP:
-                self._startup_data(data)
+                assert self.handshake is not None
+                self.handshake.startup_data(data)
             elif self.state is ClientState.AUTH:
+                assert self.handshake is not None
                 self.reader.feed(data)
-                self._auth_data()
+                self.handshake.auth_data()
             elif self.admin is not None:
                 self.reader.feed(data)
                 self.admin.data_ready(self)
@@ -187,73 +180,18 @@ class ClientConnection(asyncio.Protocol):
 
     # -- startup and login --------------------------------------------------------
 
-    def _startup_data(self, data: bytes) -> None:
-        self.startup.feed(data)
-        packet = self.startup.next_packet()
-        if packet is None:
-            return
-        if isinstance(packet, SSLRequest | GSSENCRequest):
-            self.proxy.negotiate_tls(self, isinstance(packet, SSLRequest))
-            return
-        if isinstance(packet, CancelRequest):
-            self.proxy.cancel(packet)
-            self.close()
-            return
-        assert isinstance(packet, StartupMessage)
-        rest = self.startup.take_rest()
-        if rest:
-            self.reader.feed(rest)
-        self.proxy.login(self, packet)
-
     def start_auth(self, authenticator: Any) -> None:
-        """Begin authentication with a sans-I/O authenticator."""
+        """Begin authentication with a sans-I/O authenticator (see ClientHandshake)."""
+        assert self.handshake is not None
         self.state = ClientState.AUTH
-        self.auth = authenticator
-        self._apply_auth_step(authenticator.start())
-
-    def _auth_data(self) -> None:
-        while self.state is ClientState.AUTH and self.auth is not None:
-            msg = self.reader.next_message()
-            if msg is None:
-                return
-            self._apply_auth_step(self.auth.feed(msg.type, msg.payload))
-
-    def _apply_auth_step(self, step: Any) -> None:
-        if step.ok:
-            self._greeting = step.send  # AuthenticationOk goes out with the welcome
-        elif step.send and self.transport is not None:
-            self.transport.write(step.send)
-        if step.failed:
-            log.warning(
-                "login failed for %s@%s from %s: %s",
-                self.user,
-                self.database,
-                self.addr,
-                step.reason,
-            )
-            self.proxy.stats_login_failed(self)
-            self.close()
-        elif step.ok:
-            self.auth = None
-            self.proxy.authenticated(self)
+        self.handshake.start_auth(authenticator)
 
     def welcome(self, server_params: dict[str, str]) -> None:
-        """Finish the login: parameters, our own cancel key, ReadyForQuery."""
+        """Finish the login (parameters, our cancel key, ReadyForQuery), then serve."""
+        assert self.handshake is not None
+        self.handshake.welcome(server_params)
+        self.handshake = None  # the startup reader and the authenticator go with it
         self.welcomed = True
-        params = dict(server_params)
-        for name, value in self.params.items():
-            params[name] = value
-        for name in TRACKED_PARAMS:
-            if name in params:
-                self.params.setdefault(name, params[name])
-        self.param_sig = tuple(self.params.get(name) for name in TRACKED_PARAMS)
-        out = [self._greeting]  # one write for the whole login answer
-        self._greeting = b""
-        out.extend(m.parameter_status(k, v) for k, v in params.items())
-        out.append(m.backend_key_data(self.pid, self.key))
-        out.append(m.ready_for_query(m.TX_IDLE))
-        assert self.transport is not None
-        self.transport.write(b"".join(out))
         self.state = ClientState.IDLE
         if self.admin is not None:
             if self.reader.buffered:
@@ -663,7 +601,8 @@ class ClientConnection(asyncio.Protocol):
             )
         if self.transport is not None and not self.transport.is_closing():
             # after a good login, AuthenticationOk first, as it always came before
-            self.transport.write(self._greeting + m.error_response("FATAL", code, message))
+            greeting = self.handshake.greeting if self.handshake is not None else b""
+            self.transport.write(greeting + m.error_response("FATAL", code, message))
         self.close()
 
     def close(self) -> None:

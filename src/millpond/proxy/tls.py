@@ -53,7 +53,7 @@ def negotiate_client_tls(proxy: Proxy, client: ClientConnection, ssl_request: bo
     if ctx is None:
         transport.write(m.SSL_REJECTED)
         return
-    if client.startup.buffered:
+    if client.handshake is not None and client.handshake.startup.buffered:
         # Bytes sent in the clear behind the SSLRequest would be read as if they had come
         # through TLS: a man in the middle's way to inject a login (CVE-2021-23214 in
         # PostgreSQL). Refuse, as PostgreSQL does.
