@@ -25,17 +25,29 @@ import os
 import re
 import socket
 import struct
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from millpond import __version__
 from millpond.errors import ConfigError, ProtocolError
-from millpond.pool.state import SlotState
 from millpond.proxy import admin_show as show
-from millpond.proxy.config import ProxyConfig, load_config, parse_setting
+from millpond.proxy.admin_actions import (
+    admin_state,
+    apply_config,
+    busy_servers,
+    closing_servers,
+    kill_database,
+    pause_database,
+    paused_databases,
+    pools_of,
+    reconnect_pool,
+    resume_databases,
+    start_shutdown,
+    start_stats,
+)
+from millpond.proxy.config import load_config, parse_setting
 from millpond.proxy.frontend import ClientState
 from millpond.proxy.protocol import messages as m
 from millpond.proxy.protocol.parsers import decode_query
@@ -43,7 +55,6 @@ from millpond.proxy.tls import client_context
 
 if TYPE_CHECKING:
     from millpond.proxy.frontend import ClientConnection
-    from millpond.proxy.pools import ServerPool
     from millpond.proxy.server import Proxy
 
 log = logging.getLogger("millpond.proxy")
@@ -108,53 +119,6 @@ class _Hold(enum.Enum):
 
 
 Result = bytes | Deferred | _Hold
-
-
-# --------------------------------------------------------------------------- per-proxy state
-
-
-@dataclass
-class AdminState:
-    """What the console keeps for one proxy: its own counters, averages, paused databases."""
-
-    paused_dbs: set[str] = field(default_factory=set)
-    commands: int = 0
-    history: show.StatsHistory = field(default_factory=show.StatsHistory)
-    sampling: bool = False
-
-    def admin_totals(self) -> show.StatsTotals:
-        return show.StatsTotals(xact_count=self.commands, query_count=self.commands)
-
-
-_STATES: weakref.WeakKeyDictionary[Proxy, AdminState] = weakref.WeakKeyDictionary()
-
-
-def admin_state(proxy: Proxy) -> AdminState:
-    state = _STATES.get(proxy)
-    if state is None:
-        state = _STATES[proxy] = AdminState()
-    return state
-
-
-def start_stats(proxy: Proxy) -> None:
-    """Sample the totals every ``stats_period`` for the averages (once per proxy)."""
-    state = admin_state(proxy)
-    if not state.sampling:
-        state.sampling = True
-        proxy.janitor.spawn(_sample_stats(proxy, state), "stats")
-
-
-async def _sample_stats(proxy: Proxy, state: AdminState) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        state.history.sample(show.database_totals(proxy, state.admin_totals()), loop.time())
-        await asyncio.sleep(proxy.config.settings.stats_period)
-
-
-def paused_databases(proxy: Proxy) -> set[str]:
-    """Databases paused one by one (``Proxy.paused_databases`` once the proxy keeps it)."""
-    own = getattr(proxy, "paused_databases", None)
-    return own if isinstance(own, set) else admin_state(proxy).paused_dbs
 
 
 # --------------------------------------------------------------------------- who may do what
@@ -444,16 +408,16 @@ class AdminSession:
         db = self._database(arg, "pause")
         log.info("PAUSE '%s' command issued", db)
         pause_database(proxy, db)
-        if not _pools(proxy, db):
+        if not pools_of(proxy, db):
             return _ready("PAUSE")
         return Deferred(lambda: self._drained(db))
 
     async def _drained(self, db: str | None) -> bytes:
         """PAUSE's wait: until no server is lent out, then close the idle ones."""
-        while any(_busy_servers(pool) for pool in _pools(self.proxy, db)):  # noqa: ASYNC110
+        while any(busy_servers(pool) for pool in pools_of(self.proxy, db)):  # noqa: ASYNC110
             await asyncio.sleep(_POLL)  # releases happen in callbacks: a brief poll
-        for pool in _pools(self.proxy, db):
-            _reconnect_pool(pool)
+        for pool in pools_of(self.proxy, db):
+            reconnect_pool(pool)
         return _ready("PAUSE")
 
     def resume(self, arg: str) -> Result:
@@ -464,15 +428,15 @@ class AdminSession:
                 raise AdminError("pooler is shutting down")
             if not proxy.paused:
                 raise AdminError("pooler is not paused/suspended")
-            resume(proxy, None)
+            resume_databases(proxy, None)
             return _ready("RESUME")
         log.info("RESUME '%s' command issued", arg)
         if arg not in paused_databases(proxy):
             known = arg == show.ADMIN_DB or arg in proxy.config.databases  # not via "*"
-            if not known and not _pools(proxy, arg):
+            if not known and not pools_of(proxy, arg):
                 raise AdminError(f"no such database: {arg}")
             raise AdminError(f"database {arg} is not paused")
-        resume(proxy, arg)
+        resume_databases(proxy, arg)
         return _ready("RESUME")
 
     def reconnect(self, arg: str) -> Result:
@@ -482,8 +446,8 @@ class AdminSession:
         if callable(hook):
             hook(db)
         else:
-            for pool in _pools(self.proxy, db):
-                _reconnect_pool(pool)
+            for pool in pools_of(self.proxy, db):
+                reconnect_pool(pool)
         return _ready("RECONNECT")
 
     def wait_close(self, arg: str) -> Result:
@@ -491,7 +455,7 @@ class AdminSession:
         log.info("WAIT_CLOSE%s command issued", f" '{db}'" if db else "")
 
         async def closed() -> bytes:
-            while any(_closing_servers(p) for p in _pools(self.proxy, db)):  # noqa: ASYNC110
+            while any(closing_servers(p) for p in pools_of(self.proxy, db)):  # noqa: ASYNC110
                 await asyncio.sleep(_POLL)
             return _ready("WAIT_CLOSE")
 
@@ -579,86 +543,3 @@ def _stats_cells(what: str, rows: tuple[show.StatsRow, ...]) -> list[show.Row]:
 def _state_rows(proxy: Proxy) -> list[show.Row]:
     paused = "yes" if proxy.paused else "no"
     return [("active", "no" if proxy.paused else "yes"), ("paused", paused), ("suspended", "no")]
-
-
-def _pools(proxy: Proxy, database: str | None) -> list[ServerPool]:
-    return [p for p in proxy.pools.values() if database is None or p.database == database]
-
-
-_BUSY = frozenset({SlotState.IN_USE, SlotState.CHECKING, SlotState.RESETTING})
-_GONE = frozenset({SlotState.CLOSING, SlotState.BROKEN, SlotState.CLOSED})
-
-
-def _busy_servers(pool: ServerPool) -> bool:
-    return any(slot.state in _BUSY for slot in pool._core.slots.values())
-
-
-def _closing_servers(pool: ServerPool) -> bool:
-    """Servers still marked close_needed (SHOW SERVERS), which WAIT_CLOSE waits for."""
-    return any(
-        slot.retire is not None and slot.state not in _GONE for slot in pool._core.slots.values()
-    )
-
-
-def _reconnect_pool(pool: ServerPool) -> None:
-    pool.reconnect()  # idle servers close now, lent ones when released
-
-
-def pause_database(proxy: Proxy, database: str) -> None:
-    paused_databases(proxy).add(database)
-    for pool in _pools(proxy, database):
-        pool.paused = True
-        pool.release_kept()
-
-
-def resume(proxy: Proxy, database: str | None) -> None:
-    """RESUME everything (``None``) or one database; parked clients of unpaused pools go on."""
-    paused = paused_databases(proxy)
-    if database is None and not paused:
-        proxy.resume()
-        return
-    if database is None:
-        proxy.paused = False
-    else:
-        paused.discard(database)
-    for pool in proxy.pools.values():
-        pool.paused = proxy.paused or pool.database in paused
-    for client in list(proxy.parked):
-        if client.pool is not None and not client.pool.paused:
-            proxy.parked.remove(client)
-            client.resume_from_pause()
-
-
-def kill_database(proxy: Proxy, database: str) -> None:
-    """KILL: pause the database, drop its clients and close its pools at once."""
-    hook = getattr(proxy, "kill", None)
-    if callable(hook):
-        hook(database)
-        return
-    pause_database(proxy, database)
-    for client in list(proxy.clients):
-        if client.admin is None and client.database == database:
-            client.fail("08P01", "database removed")
-    for key, pool in list(proxy.pools.items()):
-        if pool.database == database:
-            del proxy.pools[key]
-            proxy.janitor.spawn(pool.close(timeout=0), f"kill-{pool.name}")
-
-
-def apply_config(proxy: Proxy, config: ProxyConfig, tls: Any) -> None:
-    """Swap in a new configuration (``Proxy.apply_config`` when the proxy has it)."""
-    hook = getattr(proxy, "apply_config", None)
-    if callable(hook):
-        hook(config, tls)
-        return
-    proxy.config = config
-    proxy.client_tls = tls
-
-
-def start_shutdown(proxy: Proxy, mode: str) -> None:
-    """SHUTDOWN: "immediate", "safe" (WAIT_FOR_SERVERS) or "super-safe" (WAIT_FOR_CLIENTS)."""
-    hook = getattr(proxy, "start_shutdown", None) or getattr(proxy, "_start_shutdown", None)
-    if callable(hook):
-        hook(mode)
-        return
-    proxy.janitor.spawn(proxy.shutdown(), "shutdown")

@@ -78,7 +78,7 @@ class Proxy:
     # -- listening ------------------------------------------------------------------
 
     async def start(self) -> None:
-        from millpond.proxy.admin import start_stats
+        from millpond.proxy.admin_actions import start_stats
 
         self.janitor.start()
         start_stats(self)
