@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from millpond import __version__
 from millpond.errors import ConfigError, ProtocolError
 from millpond.proxy import admin_show as show
+from millpond.proxy import admin_stats as stats
 from millpond.proxy.admin_actions import (
     admin_state,
     apply_config,
@@ -340,7 +341,7 @@ class AdminSession:
             build = show.client_rows if what == "clients" else show.server_rows
             return [row.cells() for row in build(proxy, clock)]
         if what in ("stats", "stats_totals", "stats_averages", "totals"):
-            return _stats_cells(what, show.stats_rows(
+            return _stats_cells(what, stats.stats_rows(
                 proxy, self.shared.admin_totals(), self.shared.history))  # fmt: skip
         simple: dict[str, Callable[[], Any]] = {
             "databases": lambda: show.database_rows(proxy, paused_databases(proxy)),
@@ -530,9 +531,9 @@ _UNSUPPORTED = frozenset({"suspend", "disable", "enable"})  # PgBouncer's, not (
 # --------------------------------------------------------------------------- actions
 
 
-def _stats_cells(what: str, rows: tuple[show.StatsRow, ...]) -> list[show.Row]:
+def _stats_cells(what: str, rows: tuple[stats.StatsRow, ...]) -> list[show.Row]:
     if what == "totals":
-        return list(show.totals_rows(rows))
+        return list(stats.totals_rows(rows))
     if what == "stats":
         return [(r.database, *r.totals.values(), *r.averages) for r in rows]
     if what == "stats_totals":

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from millpond.pool.state import SlotState
-from millpond.proxy import admin_show as show
+from millpond.proxy import admin_stats as stats
 from millpond.proxy.config import ProxyConfig
 
 if TYPE_CHECKING:
@@ -31,11 +31,11 @@ class AdminState:
 
     paused_dbs: set[str] = field(default_factory=set)
     commands: int = 0
-    history: show.StatsHistory = field(default_factory=show.StatsHistory)
+    history: stats.StatsHistory = field(default_factory=stats.StatsHistory)
     sampling: bool = False
 
-    def admin_totals(self) -> show.StatsTotals:
-        return show.StatsTotals(xact_count=self.commands, query_count=self.commands)
+    def admin_totals(self) -> stats.StatsTotals:
+        return stats.StatsTotals(xact_count=self.commands, query_count=self.commands)
 
 
 _STATES: weakref.WeakKeyDictionary[Proxy, AdminState] = weakref.WeakKeyDictionary()
@@ -59,7 +59,7 @@ def start_stats(proxy: Proxy) -> None:
 async def _sample_stats(proxy: Proxy, state: AdminState) -> None:
     loop = asyncio.get_running_loop()
     while True:
-        state.history.sample(show.database_totals(proxy, state.admin_totals()), loop.time())
+        state.history.sample(stats.database_totals(proxy, state.admin_totals()), loop.time())
         await asyncio.sleep(proxy.config.settings.stats_period)
 
 
