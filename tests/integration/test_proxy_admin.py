@@ -449,6 +449,46 @@ def test_pause_one_database_and_errors(pg_cluster: PostgresCluster) -> None:
     run(main())
 
 
+def test_disable_refuses_new_logins_and_enable_lets_them_in(pg_cluster: PostgresCluster) -> None:
+    async def main() -> None:
+        async with running_proxy(pg_cluster) as proxy:
+            admin = await console(proxy)
+            connected = await client(proxy)
+            assert (await admin.execute("DISABLE postgres")).statusmessage == "DISABLE"
+            databases = {row["name"]: row for row in await show(admin, "DATABASES")}
+            assert databases["postgres"]["disabled"] == 1
+            assert databases["pgbouncer"]["disabled"] == 0
+            with pytest.raises(
+                asyncpg.ProtocolViolationError, match='database "postgres" is disabled'
+            ):
+                await client(proxy)
+            assert await connected.fetchval("SELECT 6 * 7") == 42  # connected clients go on
+            assert (await admin.execute("ENABLE postgres")).statusmessage == "ENABLE"
+            databases = {row["name"]: row for row in await show(admin, "DATABASES")}
+            assert databases["postgres"]["disabled"] == 0
+            again = await client(proxy)
+            assert await again.fetchval("SELECT 1") == 1
+            errors = {
+                "DISABLE": "a database is required",
+                "ENABLE": "a database is required",
+                "DISABLE pgbouncer": "cannot disable admin db: pgbouncer",
+                "ENABLE pgbouncer": "cannot enable admin db: pgbouncer",
+            }
+            for command, message in errors.items():
+                with pytest.raises(psycopg.errors.ProtocolViolation) as info:
+                    await admin.execute(command)
+                assert info.value.diag.message_primary == message
+            viewer = await console(proxy, STATS_USER)
+            with pytest.raises(psycopg.errors.ProtocolViolation, match="admin access needed"):
+                await viewer.execute("DISABLE postgres")
+            for conn in (connected, again):
+                await conn.close()
+            for console_conn in (admin, viewer):
+                await console_conn.close()
+
+    run(main())
+
+
 def test_several_commands_in_one_query(pg_cluster: PostgresCluster) -> None:
     async def main() -> None:
         async with running_proxy(pg_cluster) as proxy:

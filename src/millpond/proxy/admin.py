@@ -85,7 +85,8 @@ _HELP = (
     "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION"
     "\n\tSHOW PEERS|PEER_POOLS\n\tSHOW LISTS|MEM|STATE\n\tSHOW DNS_HOSTS|DNS_ZONES"
     "\n\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n\tSET key = arg\n\tRELOAD"
-    "\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tRECONNECT [<db>]\n\tKILL [<db>]"
+    "\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n\tENABLE <db>\n\tRECONNECT [<db>]"
+    "\n\tKILL [<db>]"
     "\n\tKILL_CLIENT <client_id>\n\tSHUTDOWN\n\tSHUTDOWN WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS"
     "\n\tWAIT_CLOSE [<db>]"
 )
@@ -344,7 +345,9 @@ class AdminSession:
             return _stats_cells(what, stats.stats_rows(
                 proxy, self.shared.admin_totals(), self.shared.history))  # fmt: skip
         simple: dict[str, Callable[[], Any]] = {
-            "databases": lambda: show.database_rows(proxy, paused_databases(proxy)),
+            "databases": lambda: show.database_rows(
+                proxy, paused_databases(proxy), proxy.disabled_databases
+            ),
             "users": lambda: show.user_rows(proxy),
             "config": lambda: show.config_rows(proxy.config.settings),
             "lists": lambda: show.list_rows(proxy),
@@ -389,6 +392,26 @@ class AdminSession:
         return notice + _ready(f"SET {key}={value}")
 
     # -- process control ----------------------------------------------------------------
+
+    def disable(self, arg: str) -> Result:
+        """DISABLE db: refuse new client logins to ``db``; its connected clients go on."""
+        db = self._database(self._required(arg), "disable")
+        log.info("DISABLE '%s' command issued", db)
+        self.proxy.disabled_databases.add(db)
+        return _ready("DISABLE")
+
+    def enable(self, arg: str) -> Result:
+        """ENABLE db: take new client logins to ``db`` again, after DISABLE."""
+        db = self._database(self._required(arg), "enable")
+        log.info("ENABLE '%s' command issued", db)
+        self.proxy.disabled_databases.discard(db)
+        return _ready("ENABLE")
+
+    @staticmethod
+    def _required(arg: str) -> str:
+        if not arg:
+            raise AdminError("a database is required")
+        return arg
 
     def _database(self, arg: str, verb: str) -> str:
         if arg == show.ADMIN_DB:
@@ -524,8 +547,10 @@ _COMMANDS: dict[str, Callable[[AdminSession, str], Result]] = {
     "kill_client": AdminSession.kill_client,
     "reload": AdminSession.reload,
     "shutdown": AdminSession.shutdown,
+    "disable": AdminSession.disable,
+    "enable": AdminSession.enable,
 }
-_UNSUPPORTED = frozenset({"suspend", "disable", "enable"})  # PgBouncer's, not (yet) millpond's
+_UNSUPPORTED = frozenset({"suspend"})  # PgBouncer's, not (yet) millpond's
 
 
 # --------------------------------------------------------------------------- actions

@@ -454,9 +454,12 @@ def _clients_by(proxy: Proxy, attr: str) -> Counter[str]:
     return Counter(getattr(c, attr) for c in proxy.clients if client_state(c) is not None)
 
 
-def database_rows(proxy: Proxy, paused: Iterable[str] = ()) -> tuple[Row, ...]:
-    """SHOW DATABASES (``paused``: the databases paused one by one, as PAUSE db does)."""
-    s, paused = proxy.config.settings, set(paused)
+def database_rows(
+    proxy: Proxy, paused: Iterable[str] = (), disabled: Iterable[str] = ()
+) -> tuple[Row, ...]:
+    """SHOW DATABASES (``paused``: the databases paused one by one, as PAUSE db does;
+    ``disabled``: those DISABLE refuses new clients for)."""
+    s, paused, disabled = proxy.config.settings, set(paused), set(disabled)
     servers, clients = _servers_by(proxy, "database"), _clients_by(proxy, "database")
     rows: list[Row] = []
     for name in database_names(proxy):
@@ -472,7 +475,7 @@ def database_rows(proxy: Proxy, paused: Iterable[str] = ()) -> tuple[Row, ...]:
                 _pick(db.server_lifetime, s.server_lifetime), db.pool_mode,
                 _load_balance(proxy, name), _pick(db.max_db_connections, s.max_db_connections),
                 servers[name], _pick(db.max_db_client_connections, s.max_db_client_connections),
-                clients[name], int(name in paused), 0,
+                clients[name], int(name in paused), int(name in disabled),
             ))  # fmt: skip
     return tuple(rows)
 

@@ -63,6 +63,7 @@ class Proxy:
         self.addresses: list[str] = []
         self.paused = False
         self.paused_databases: set[str] = set()
+        self.disabled_databases: set[str] = set()  # DISABLE: no new client logins
         self.stats_server: Any = None
         self.stats_logger: Any = None
         self.budgets = Budgets()  # max_db_connections / max_user_connections
@@ -286,6 +287,9 @@ class Proxy:
         if self.config.database(client.database) is None:
             # PgBouncer says so only after a successful login, revealing nothing before.
             client.fail("08P01", f"no such database: {client.database}")
+            return
+        if client.database in self.disabled_databases:
+            client.fail("08P01", f'database "{client.database}" is disabled')
             return
         pool = self.pool_for(client.database, client.user)
         client.pool = pool
