@@ -152,6 +152,17 @@ async def psql(pg_cluster: PostgresCluster, proxy: Proxy, *args: str, user: str 
     return process.returncode, out.decode(), err.decode()
 
 
+async def refused_with(
+    admin: psycopg.AsyncConnection[dict[str, Any]], errors: dict[str, str]
+) -> None:
+    """Each command gets PgBouncer's error: SQLSTATE 08P01 and exactly this message."""
+    for command, message in errors.items():
+        with pytest.raises(psycopg.errors.ProtocolViolation) as info:
+            await admin.execute(command)
+        assert info.value.diag.message_primary == message
+        assert info.value.sqlstate == "08P01"
+
+
 async def closed_by_proxy(conn: asyncpg.Connection) -> None:
     for _ in range(100):
         if conn.is_closed():
@@ -438,11 +449,7 @@ def test_pause_one_database_and_errors(pg_cluster: PostgresCluster) -> None:
                 "RESUME nosuch": "no such database: nosuch",
                 "SUSPEND": "SUSPEND is not supported by millpond",
             }
-            for command, message in errors.items():
-                with pytest.raises(psycopg.errors.ProtocolViolation) as info:
-                    await admin.execute(command)
-                assert info.value.diag.message_primary == message
-                assert info.value.sqlstate == "08P01"
+            await refused_with(admin, errors)
             await conn.close()
             await admin.close()
 
@@ -474,10 +481,7 @@ def test_disable_refuses_new_logins_and_enable_lets_them_in(pg_cluster: Postgres
                 "DISABLE pgbouncer": "cannot disable admin db: pgbouncer",
                 "ENABLE pgbouncer": "cannot enable admin db: pgbouncer",
             }
-            for command, message in errors.items():
-                with pytest.raises(psycopg.errors.ProtocolViolation) as info:
-                    await admin.execute(command)
-                assert info.value.diag.message_primary == message
+            await refused_with(admin, errors)
             viewer = await console(proxy, STATS_USER)
             with pytest.raises(psycopg.errors.ProtocolViolation, match="admin access needed"):
                 await viewer.execute("DISABLE postgres")
