@@ -9,6 +9,8 @@ nobody gets in without the right secret.
 from __future__ import annotations
 
 import hashlib
+import os
+import pwd
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,3 +126,37 @@ def test_unknown_database_after_login(
     # A wrong password to an unknown database reveals nothing about the database.
     with pytest.raises(asyncpg.PostgresError, match="password authentication failed"):
         connect_asyncpg(proxy.url(db="elsewhere", user="scram_u", password="bad"))
+
+
+def test_peer_auth_believes_the_unix_socket_peer(
+    proxy_factory: ProxyFactory, pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """An hba ``peer`` rule (PgBouncer allows it only there, for local connections): over
+    the Unix socket the login name must be the connecting process's own user
+    (SO_PEERCRED); any other name is refused."""
+    me = pwd.getpwuid(os.getuid()).pw_name
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    hba = tmp_path / "hba.conf"
+    hba.write_text("local all all peer\n")
+    proxy = proxy_factory(
+        databases=f"* = host=127.0.0.1 port={pg_cluster.port} user=postgres",
+        auth_type="hba",
+        auth_hba_file=str(hba),
+        unix_socket_dir=str(sockets),
+    )
+    local = {"host": str(sockets), "port": proxy.port, "dbname": "postgres"}
+    with psycopg.connect(**local, user=me) as conn:  # type: ignore[arg-type]
+        assert conn.execute("SELECT current_user").fetchone() == ("postgres",)  # forced user
+    with pytest.raises(psycopg.OperationalError, match="unix socket login rejected"):
+        psycopg.connect(**local, user=f"not_{me}")  # type: ignore[arg-type]
+
+
+def test_methods_millpond_lacks_are_refused_cleanly(proxy_factory: ProxyFactory) -> None:
+    """auth_type = pam (PgBouncer's, not millpond's): every login gets a clear refusal,
+    and the proxy keeps answering."""
+    proxy = proxy_factory(auth_type="pam")
+    for _ in range(2):
+        with pytest.raises(psycopg.OperationalError, match="login rejected"):
+            psycopg.connect(proxy.url(), connect_timeout=5)
+    assert "not supported by millpond" in proxy.log_text()

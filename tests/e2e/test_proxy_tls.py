@@ -132,3 +132,50 @@ def test_required_server_tls_is_enforced(
     )
     with pytest.raises(psycopg.OperationalError, match="CERTIFICATE_VERIFY_FAILED"):
         psycopg.connect(wrong_ca.url())
+
+
+@pytest.fixture(scope="module")
+def client_certs() -> Iterator[Path]:
+    """Self-signed client certificates for CN=postgres and CN=stranger, both trusted."""
+    tmp = Path(tempfile.mkdtemp(prefix="millpond-client-certs-"))
+    for name in ("postgres", "stranger"):
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-keyout", str(tmp / f"{name}.key"), "-out", str(tmp / f"{name}.crt"),
+                "-subj", f"/CN={name}",
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        os.chmod(tmp / f"{name}.key", 0o600)  # libpq refuses a key others can read
+    trusted = (tmp / "postgres.crt").read_text() + (tmp / "stranger.crt").read_text()
+    (tmp / "trusted.pem").write_text(trusted)
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_cert_auth_takes_the_user_from_the_certificate(
+    proxy_factory: ProxyFactory, certs: Path, client_certs: Path
+) -> None:
+    """auth_type = cert: a verified client certificate whose CommonName is the login
+    user gets in; another name, or no certificate, does not."""
+    proxy = proxy_factory(
+        auth_type="cert",
+        client_tls_sslmode="verify-ca",
+        client_tls_cert_file=str(certs / "cert.pem"),
+        client_tls_key_file=str(certs / "key.pem"),
+        client_tls_ca_file=str(client_certs / "trusted.pem"),
+    )
+
+    def url(name: str) -> str:
+        crt, key = client_certs / f"{name}.crt", client_certs / f"{name}.key"
+        return proxy.url() + f"?sslmode=require&sslcert={crt}&sslkey={key}"
+
+    with psycopg.connect(url("postgres")) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+    with pytest.raises(psycopg.OperationalError, match="certificate authentication failed"):
+        psycopg.connect(url("stranger"))
+    with pytest.raises(psycopg.OperationalError):  # no certificate: the handshake fails
+        psycopg.connect(proxy.url() + "?sslmode=require&sslcert=/nonexistent")

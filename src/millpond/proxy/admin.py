@@ -23,8 +23,6 @@ import enum
 import logging
 import os
 import re
-import socket
-import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -50,6 +48,7 @@ from millpond.proxy.admin_actions import (
 )
 from millpond.proxy.config import load_config, parse_setting
 from millpond.proxy.frontend import ClientState
+from millpond.proxy.login import peer_uid
 from millpond.proxy.protocol import messages as m
 from millpond.proxy.protocol.parsers import decode_query
 from millpond.proxy.tls import client_context
@@ -128,17 +127,7 @@ Result = bytes | Deferred | _Hold
 
 def _same_unix_user(client: ClientConnection) -> bool:
     """PgBouncer's rule: user ``pgbouncer`` over the Unix socket as the proxy's own uid."""
-    transport = client.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if client.user != "pgbouncer" or sock is None or not hasattr(socket, "SO_PEERCRED"):
-        return False
-    try:
-        if sock.family != socket.AF_UNIX:
-            return False
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (OSError, AttributeError, TypeError):
-        return False
-    return bool(struct.unpack("3i", creds)[1] == os.getuid())
+    return client.user == "pgbouncer" and peer_uid(client) == os.getuid()
 
 
 def admin_role(proxy: Proxy, client: ClientConnection) -> Role | None:

@@ -10,14 +10,18 @@ comes from ``auth_file``. The sans-I/O exchange itself is
 from __future__ import annotations
 
 import logging
+import pwd
+import socket
+import struct
 from typing import TYPE_CHECKING, Any, Protocol
 
 from millpond.proxy.auth import (
+    CLIENT_METHODS,
     AuthOutcome,
     AuthStep,
     ClientAuthenticator,
-    error_login_rejected,
     error_no_auth_method,
+    pooler_error,
 )
 from millpond.proxy.backend import TRACKED_PARAMS
 from millpond.proxy.protocol import messages as m
@@ -151,6 +155,62 @@ def _hba_method(config: ProxyConfig, client: ClientConnection) -> str | None:
     return config.hba.match(conn_type, client.database, client.user, _address(client))
 
 
+def peer_uid(client: ClientConnection) -> int | None:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED), else None."""
+    transport = client.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        if sock.family != socket.AF_UNIX:
+            return None
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError, TypeError):
+        return None
+    uid: int = struct.unpack("3i", creds)[1]
+    return uid
+
+
+def _peer_name(client: ClientConnection) -> str | None:
+    uid = peer_uid(client)
+    if uid is None:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _cert_names(client: ClientConnection) -> tuple[str, ...]:
+    """The CommonName(s) of the client's verified TLS certificate (empty: none)."""
+    transport = client.transport
+    cert = transport.get_extra_info("peercert") if client.tls and transport is not None else None
+    if not cert:
+        return ()
+    return tuple(v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName")
+
+
+def _refused(text: str, reason: str) -> Decided:
+    return Decided(AuthStep(AuthOutcome.FAILED, pooler_error(text), reason))
+
+
+def _by_identity(method: str, config: ProxyConfig, client: ClientConnection) -> Decided:
+    """``peer`` and ``cert``: the operating system or the TLS layer vouches for the user
+    (who must still be in ``auth_file`` when one is set); PgBouncer's error texts."""
+    known = config.auth is None or config.auth.get(client.user) is not None
+    if method == "peer":
+        name = _peer_name(client)
+        if known and name == client.user:
+            return Decided(AuthStep(AuthOutcome.OK, m.authentication_ok()))
+        why = "not a Unix socket" if name is None else f"peer is {name!r}"
+        return _refused("unix socket login rejected", f"peer authentication failed: {why}")
+    names = _cert_names(client)
+    if known and client.user in names:
+        return Decided(AuthStep(AuthOutcome.OK, m.authentication_ok()))
+    why = f"certificate names {list(names)}" if names else "no verified client certificate"
+    return _refused("certificate authentication failed", f"cert authentication failed: {why}")
+
+
 def _address(client: ClientConnection) -> str | None:
     return client.addr[0] if isinstance(client.addr, tuple) else None
 
@@ -186,8 +246,9 @@ def for_client(
     if method == "any" or (method == "trust" and config.auth is None):
         return Decided(AuthStep(AuthOutcome.OK, m.authentication_ok()))
     if method in ("cert", "peer"):
-        reason = f"auth method {method} is not supported by millpond yet"
-        return Decided(AuthStep(AuthOutcome.FAILED, error_login_rejected(), reason))
+        return _by_identity(method, config, client)
+    if method not in CLIENT_METHODS:  # pam, ldap: PgBouncer's, not millpond's
+        return _refused("login rejected", f"auth method {method} is not supported by millpond")
     entry = config.auth.get(client.user) if config.auth is not None else None
     secret = entry.secret if entry is not None else looked_up
     return ClientAuthenticator(method, client.user, secret, database=client.database)
