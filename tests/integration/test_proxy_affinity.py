@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from millpond.embedded import PostgresCluster
+from millpond.pool.state import CloseReason
 from millpond.proxy.config import load_config
 from millpond.proxy.pools import ServerPool
 from millpond.proxy.server import Proxy
@@ -176,6 +177,26 @@ def test_no_affinity_while_a_cancel_is_in_flight(pg_cluster: PostgresCluster) ->
             assert idle_servers(pool) == 1
             assert await a.fetchval("SELECT 3") == 3
             assert pool.kept
+            await a.close()
+
+    run(main())
+
+
+def test_a_server_due_to_retire_is_not_kept(pg_cluster: PostgresCluster) -> None:
+    """server_lifetime (and RECONNECT) act on release: a server past its lifetime goes
+    through one at the end of its client's transaction instead of being kept again."""
+
+    async def main() -> None:
+        async with running_proxy(pg_cluster, server_lifetime="3600") as proxy:
+            a = await client(proxy)
+            first = await a.fetchval("SELECT pg_backend_pid()")
+            pool = the_pool(proxy)
+            (kept,) = pool.kept
+            kept.slot.expires_at = 0.0  # type: ignore[attr-defined]  # its lifetime is over
+            assert await a.fetchval("SELECT pg_backend_pid()") == first  # still its own
+            assert not pool.kept  # ... but not kept: released, and retired
+            await eventually(lambda: pool._core.counters.closed[CloseReason.LIFETIME] >= 1)
+            assert await a.fetchval("SELECT pg_backend_pid()") != first
             await a.close()
 
     run(main())

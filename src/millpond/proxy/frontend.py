@@ -500,6 +500,8 @@ class ClientConnection(asyncio.Protocol):
             and not server.cancels  # a late cancel must not meet this client's next query
             and not pool.paused
             and not self.proxy.shutting_down
+            and self.slot is not None
+            and pool.keepable(self.slot, now or monotonic())
         ):
             self.state = _IDLE
             self.keeps = True  # until someone else needs it: see ServerPool.take_kept

@@ -133,6 +133,11 @@ class ServerPool(Pool):
                 return slot
         return None
 
+    def keepable(self, slot: Slot, now: float) -> bool:
+        """May an idle client keep ``slot``? Not once it is due to retire (its lifetime
+        is over, RECONNECT marked it, the pool closes): the release retires it then."""
+        return self._core._retire_reason(slot, now) is None
+
     def release_kept(self) -> None:
         """Every kept server back to the pool (the sweep, admin commands, pause, reload):
         what the core and SHOW see is then what it would be without affinity."""
