@@ -128,6 +128,28 @@ def test_unknown_database_after_login(
         connect_asyncpg(proxy.url(db="elsewhere", user="scram_u", password="bad"))
 
 
+def test_scram_pass_through_with_only_the_servers_secret(
+    auth_cluster: PostgresCluster, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """The auth file holds scram_u's SCRAM secret as PostgreSQL stores it, no password:
+    a client's SCRAM login gives the proxy the keys it then logs in to the server with
+    (PgBouncer's SCRAM pass-through); a wrong password still gets nowhere."""
+    secret = auth_cluster.psql("SELECT rolpassword FROM pg_authid WHERE rolname = 'scram_u'")
+    assert secret.strip().startswith("SCRAM-SHA-256$")
+    users = tmp_path / "userlist.txt"
+    users.write_text(f'"scram_u" "{secret.strip()}"\n')
+    proxy = proxy_factory(
+        databases=f"* = host=127.0.0.1 port={auth_cluster.port}",
+        auth_type="scram-sha-256",
+        auth_file=str(users),
+    )
+    with pytest.raises(psycopg.OperationalError, match="SASL authentication failed"):
+        psycopg.connect(proxy.url(user="scram_u", password="wrong"))
+    with psycopg.connect(proxy.url(user="scram_u", password="sc-pw")) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("scram_u",)
+    connect_asyncpg(proxy.url(user="scram_u", password="sc-pw"))  # and a second client
+
+
 def test_peer_auth_believes_the_unix_socket_peer(
     proxy_factory: ProxyFactory, pg_cluster: PostgresCluster, tmp_path: Path
 ) -> None:

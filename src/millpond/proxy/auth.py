@@ -22,6 +22,8 @@ The server side of the proxy (logging in to PostgreSQL) is in
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import secrets
@@ -332,6 +334,10 @@ class ClientAuthenticator:
         self.state = ClientAuthState.NEW
         self._salt = b""
         self._scram: Any = None
+        #: ClientKey and ServerKey after a SCRAM login checked against a stored SCRAM
+        #: secret: what the proxy needs to log in to the server as this user with the
+        #: same secret (SCRAM pass-through), as PgBouncer does
+        self.scram_keys: tuple[bytes, bytes] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -504,7 +510,8 @@ class ClientAuthenticator:
 
     def _sasl_response(self, payload: Payload) -> AuthStep:
         try:
-            self._scram.set_client_final(decode_sasl_response(payload).data.decode("utf-8"))
+            final = decode_sasl_response(payload).data.decode("utf-8")
+            self._scram.set_client_final(final)
             server_final = cast(str, self._scram.get_server_final())
         except UnicodeDecodeError as exc:
             return self._sasl_failed(f"bad SCRAM client-final-message: {exc}")
@@ -513,4 +520,24 @@ class ClientAuthenticator:
         problem = self._scram_problem()
         if problem is not None:
             return self._sasl_failed(problem)
+        self.scram_keys = self._client_keys(final)
         return self._succeed(m.authentication_sasl_final(server_final.encode()))
+
+    def _client_keys(self, final: str) -> tuple[bytes, bytes] | None:
+        """ClientKey (recovered from the proof: ClientProof xor HMAC(StoredKey,
+        AuthMessage), RFC 5802) and ServerKey, when the stored secret is a SCRAM one."""
+        scram = self._stored.scram
+        without_proof, sep, proof = final.rpartition(",p=")
+        if scram is None or not sep:
+            return None
+        parts = (self._scram.client_first_bare, self._scram.server_first, without_proof)
+        signature = hmac.digest(scram.stored_key, ",".join(parts).encode(), "sha256")
+        try:
+            client_key = bytes(
+                a ^ b for a, b in zip(base64.b64decode(proof), signature, strict=True)
+            )
+        except (ValueError, binascii.Error):
+            return None
+        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), scram.stored_key):
+            return None
+        return client_key, scram.server_key

@@ -14,6 +14,11 @@ checked, so a server that does not know the password cannot pretend to accept it
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final, cast
@@ -94,8 +99,11 @@ class ServerAuthenticator:
     :class:`ServerAuthError` for a request the proxy cannot (or must not) satisfy.
     """
 
-    def __init__(self, user: str, secret: str | None) -> None:
+    def __init__(
+        self, user: str, secret: str | None, *, scram_keys: tuple[bytes, bytes] | None = None
+    ) -> None:
         self.user = user
+        self._scram_keys = scram_keys  # ClientKey, ServerKey: SCRAM pass-through
         self._secret = secret or ""
         self._kind = secret_kind(self._secret) if self._secret else None
         self.state = ServerAuthState.START
@@ -209,6 +217,10 @@ class ServerAuthenticator:
             raise ServerAuthError(
                 "none of the server's SASL mechanisms is supported: " + ", ".join(mechanisms)
             )
+        if self._scram_keys is not None and self._kind in (None, "scram-sha-256"):
+            self._scram = KeyedScramClient(*self._scram_keys)  # no password: pass-through
+            first = self._scram.get_client_first()
+            return m.sasl_initial_response(SCRAM_SHA_256, first.encode())
         password = self._plain_password("SCRAM-SHA-256")
         try:
             self._scram = ScramClient([SCRAM_SHA_256], _SCRAM_USER, password)
@@ -238,6 +250,59 @@ class ServerAuthenticator:
                 f'"{self.user}" (SCRAM server signature): {exc}'
             ) from None
         self._set_state(_S.SASL_FINISHED, "AuthenticationSASLFinal")
+
+
+class KeyedScramClient:
+    """The client side of SCRAM-SHA-256 holding ClientKey and ServerKey instead of the
+    password (RFC 5802): what PgBouncer calls SCRAM pass-through. A client's SCRAM login
+    against a stored secret yields the keys (:attr:`ClientAuthenticator.scram_keys`),
+    and they log in to a server that stores the same secret. scramp's client starts from
+    the password, so this one does the three formulas itself: proof = ClientKey xor
+    HMAC(H(ClientKey), AuthMessage), and the server proves itself with
+    HMAC(ServerKey, AuthMessage). Same methods as scramp's ``ScramClient``.
+    """
+
+    def __init__(self, client_key: bytes, server_key: bytes) -> None:
+        self._client_key, self._server_key = client_key, server_key
+        self._nonce = base64.b64encode(secrets.token_bytes(18)).decode("ascii")
+        self._first_bare = f"n={_SCRAM_USER},r={self._nonce}"
+        self._server_first = ""
+        self._server_nonce = ""
+        self._auth_message = b""
+
+    def get_client_first(self) -> str:
+        return "n,," + self._first_bare
+
+    def set_server_first(self, message: str) -> None:
+        fields = dict(part.split("=", 1) for part in message.split(",") if "=" in part)
+        nonce = fields.get("r", "")
+        if not nonce.startswith(self._nonce) or len(nonce) <= len(self._nonce):
+            raise ScramException("the server's nonce does not extend the client's")
+        if "s" not in fields or "i" not in fields:
+            raise ScramException("the server-first-message lacks a salt or iteration count")
+        self._server_first, self._server_nonce = message, nonce
+
+    def get_client_final(self) -> str:
+        without_proof = f"c=biws,r={self._server_nonce}"
+        message = f"{self._first_bare},{self._server_first},{without_proof}".encode()
+        self._auth_message = message
+        stored_key = hashlib.sha256(self._client_key).digest()
+        signature = hmac.digest(stored_key, message, "sha256")
+        proof = bytes(a ^ b for a, b in zip(self._client_key, signature, strict=True))
+        return f"{without_proof},p={base64.b64encode(proof).decode('ascii')}"
+
+    def set_server_final(self, message: str) -> None:
+        if message.startswith("e="):
+            raise ScramException(f"the server refused the proof: {message[2:]}")
+        if not message.startswith("v="):
+            raise ScramException("the server-final-message has no verifier")
+        try:
+            verifier = base64.b64decode(message[2:], validate=True)
+        except (ValueError, binascii.Error):
+            raise ScramException("the server's verifier is not base64") from None
+        expected = hmac.digest(self._server_key, self._auth_message, "sha256")
+        if not hmac.compare_digest(verifier, expected):
+            raise ScramException("the server's signature does not match")
 
 
 def _scram_text(data: bytes, what: str) -> str:

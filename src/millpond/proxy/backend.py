@@ -94,7 +94,7 @@ class ServerConnection(asyncio.Protocol):
         "tx_status"
     )  # fmt: skip
 
-    def __init__(self, target: ServerTarget) -> None:
+    def __init__(self, target: ServerTarget, scram_keys: tuple[bytes, bytes] | None = None) -> None:
         self.target = target
         self.transport: asyncio.Transport | None = None
         self.reader = MessageReader()
@@ -107,7 +107,7 @@ class ServerConnection(asyncio.Protocol):
         self.tx_status = m.TX_IDLE
         self.cancels = 0  # cancel requests in flight for this connection
         self.param_sig: tuple[str | None, ...] = ()
-        self._auth = ServerAuthenticator(target.user, target.password)
+        self._auth = ServerAuthenticator(target.user, target.password, scram_keys=scram_keys)
         self._waiter: asyncio.Future[None] | None = None
         self._error: str | None = None
         self._on_internal_done: Callable[[], None] | None = None
@@ -291,10 +291,14 @@ class ServerConnection(asyncio.Protocol):
         self.state = ServerState.CLOSED
 
 
-async def open_server(target: ServerTarget, timeout: float) -> ServerConnection:
-    """Connect and log in to PostgreSQL; DatabaseUnavailable on any failure."""
+async def open_server(
+    target: ServerTarget, timeout: float, scram_keys: tuple[bytes, bytes] | None = None
+) -> ServerConnection:
+    """Connect and log in to PostgreSQL; DatabaseUnavailable on any failure
+    (``scram_keys``: a client's SCRAM keys, for a server that wants SCRAM and a target
+    that has only a SCRAM secret or nothing)."""
     loop = asyncio.get_running_loop()
-    conn = ServerConnection(target)
+    conn = ServerConnection(target, scram_keys)
     try:
         async with asyncio.timeout(timeout):
             if target.host is None:
@@ -329,6 +333,8 @@ class ServerDriver(Driver):
     ) -> None:
         super().__init__(None, {})
         self.target = target
+        #: the SCRAM keys of the last client that logged in as the server user, if any
+        self.scram_keys: Callable[[], tuple[bytes, bytes] | None] | None = None
         self.budgets = budgets  # max_db_connections / max_user_connections
         self.reset_query = reset_query
         self.check_query = check_query
@@ -347,7 +353,8 @@ class ServerDriver(Driver):
                         f"({budget.limit})"
                     ) from None
                 taken.append(budget)
-            conn = await open_server(self.target, timeout)
+            keys = self.scram_keys() if self.scram_keys is not None else None
+            conn = await open_server(self.target, timeout, keys)
         except BaseException:
             for budget in taken:
                 budget.give_back()

@@ -105,6 +105,9 @@ class ClientHandshake:
             client.proxy.stats_login_failed(client)
             client.close()
         elif step.ok:
+            keys = getattr(self.auth, "scram_keys", None)
+            if keys is not None:  # for the server login as this user (SCRAM pass-through)
+                client.proxy.scram_keys[client.user] = keys
             self.auth = None
             client.proxy.authenticated(client)
 

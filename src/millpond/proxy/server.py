@@ -64,6 +64,9 @@ class Proxy:
         self.paused = False
         self.paused_databases: set[str] = set()
         self.disabled_databases: set[str] = set()  # DISABLE: no new client logins
+        #: per user, the keys of its last SCRAM login against a stored SCRAM secret: the
+        #: server login as that user when the proxy holds no password (pass-through)
+        self.scram_keys: dict[str, tuple[bytes, bytes]] = {}
         self.stats_server: Any = None
         self.stats_logger: Any = None
         self.budgets = Budgets()  # max_db_connections / max_user_connections
@@ -352,6 +355,8 @@ class Proxy:
             reset_always=mode == "session" or s.server_reset_query_always,
             budgets=self._budgets_for(db, database, user),
         )
+        if not db.user or db.user == user:  # the server login is the client's own user
+            driver.scram_keys = lambda: self.scram_keys.get(user)
         pool = ServerPool(
             database=database,
             user=user,
