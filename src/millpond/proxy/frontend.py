@@ -174,6 +174,9 @@ class ClientConnection(asyncio.Protocol):
                     self._need_server()
         except ProtocolError as exc:
             self.fail("08P01", f"protocol violation: {exc}")
+        except Exception:  # a bug of ours: this client is told and dropped, no one else
+            log.exception("internal error serving %r", self)
+            self.fail("XX000", "internal error in the pooler, see its log")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed()
