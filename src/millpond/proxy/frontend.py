@@ -586,11 +586,10 @@ class ClientConnection(asyncio.Protocol):
 
     def server_lost(self, server: ServerConnection) -> None:
         if server is self.server:
-            if self.keeps:  # it died idle: as in the pool, nothing of ours was lost
-                self._unlink()
-                return
+            kept = self.keeps  # it died idle: as in the pool, nothing of ours was lost
             self._unlink()
-            self.fail("08P01", "server conn crashed?")
+            if not kept:
+                self.fail("08P01", "server conn crashed?")
 
     # -- errors and the end -------------------------------------------------------
 

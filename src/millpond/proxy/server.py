@@ -188,8 +188,7 @@ class Proxy:
         """Kept servers (server affinity) back to their pools, so that every pool's
         state is what it would be without affinity: for SHOW, metrics, pause, shutdown."""
         for pool in self.pools.values():
-            if pool.kept:
-                pool.release_kept()
+            pool.release_kept()
 
     def _sweep(self) -> None:
         """PgBouncer's timeouts and the reserve pool, checked twice a second."""
@@ -495,9 +494,7 @@ def _set_policies(pool: ServerPool, db: DatabaseEntry, s: ProxySettings) -> None
         and pool.mode != "session"
         and not s.server_reset_query_always
         and s.server_check_delay > 0
-    )
-    if not pool.affinity:
-        pool.release_kept()
+    )  # a reload's ServerPool.reconfigure gave every kept server back already
 
 
 def _reserve_size(db: DatabaseEntry, user: UserEntry | None, default: int) -> int:
