@@ -15,9 +15,9 @@ average latency, and p99 latency computed from pgbench's per-transaction log (``
 written to a temporary directory and deleted). See docs/proxy-benchmarks.md.
 
 If ``millpond proxy`` cannot start (e.g. it is not written yet), its rows say
-"not available" and the rest still runs. ``--only ...,relay`` adds a reference target:
-a bare uvloop relay (one server connection per client, bytes forwarded untouched), the
-floor of what any Python proxy costs.
+"not available" and the rest still runs. ``--only ...,floor`` adds a reference target:
+bench/floor_pooler.py, the least a transaction pooler in Python on uvloop can do (no
+checks, no parsing, same pool size), i.e. the floor under any Python proxy's numbers.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, cast
+from typing import Any
 
 from _common import machine, median, spread, table, verdict
 from millpond.embedded import PostgresCluster
@@ -49,9 +49,9 @@ PACKAGES = ("millpond", "uvloop")
 DBNAME = "bench"
 USER = "postgres"
 TARGETS = ("direct", "pgbouncer", "millpond")
-#: ``relay`` (only with --only): a bare uvloop TCP relay, one server connection per client,
-#: bytes forwarded untouched: the floor of what a Python proxy costs, for comparison
-ALL_TARGETS = (*TARGETS, "relay")
+#: ``floor`` (only with --only): bench/floor_pooler.py, a transaction pooler in Python that
+#: does nothing it can skip: the floor of what a Python pooler costs, for comparison
+ALL_TARGETS = (*TARGETS, "floor")
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -74,12 +74,12 @@ CASES = (
         "S c=1000",
         1000,
         ("-S",),
-        targets=("pgbouncer", "millpond"),
+        targets=("pgbouncer", "millpond", "floor"),
         note="1000 server processes are what a pooler avoids",
     ),
-    Case("S -C c=20", 20, ("-S", "-C"), targets=TARGETS),
+    Case("S -C c=20", 20, ("-S", "-C"), targets=(*TARGETS, "floor")),
     Case("select 1 c=100", 100, (), script="SELECT 1;\n"),
-    Case("S -M prepared c=100", 100, ("-S", "-M", "prepared")),
+    Case("S -M prepared c=100", 100, ("-S", "-M", "prepared"), targets=TARGETS),
 )
 
 #: (case, minimum millpond/PgBouncer TPS ratio): the targets of issue 3
@@ -643,79 +643,8 @@ def report(rows: list[Row], ratio_rows: list[dict[str, Any]], info: dict[str, An
     return "\n".join(lines)
 
 
-# -- the reference relay (target "relay") --------------------------------------------
-
-
-def relay_server(pg_port: int, port: int) -> None:
-    """Forward each client's bytes to its own new server connection, and back, untouched.
-
-    Not a pooler (one server connection per client, no parsing): the cost of the
-    event loop and the socket calls alone, i.e. the floor for a Python proxy.
-    """
-    import asyncio
-
-    import uvloop
-
-    class Upstream(asyncio.Protocol):
-        def __init__(self, down: asyncio.Transport) -> None:
-            self.down = down
-
-        def data_received(self, data: bytes) -> None:
-            self.down.write(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.down.close()
-
-    class Downstream(asyncio.Protocol):
-        up: asyncio.Transport | None = None
-        pending: list[bytes]
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.down, self.pending = cast(asyncio.Transport, transport), []
-            asyncio.get_running_loop().create_task(self.connect())
-
-        async def connect(self) -> None:
-            loop = asyncio.get_running_loop()
-            try:
-                up, _ = await loop.create_connection(
-                    lambda: Upstream(self.down), "127.0.0.1", pg_port
-                )
-            except OSError:
-                self.down.close()
-                return
-            if self.down.is_closing():
-                up.close()
-                return
-            up.write(b"".join(self.pending))
-            self.up = up
-
-        def data_received(self, data: bytes) -> None:
-            if self.up is None:
-                self.pending.append(data)
-            else:
-                self.up.write(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.up is not None:
-                self.up.close()
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Downstream, "127.0.0.1", port, backlog=4096)
-        print(f"relay listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
-        await server.serve_forever()
-
-    signal.signal(signal.SIGTERM, _interrupt)
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--relay-server"]:
-        pg_port, port = argv[1].split(":")
-        relay_server(int(pg_port), int(port))
-        return 0
     args = parse_args(argv)
     handle_sigterm()
     nofile = raise_nofile_limit()
@@ -765,15 +694,16 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         else:
             targets.unavailable[name] = f"not available ({proxy.error})"
             print(f"{name}: {targets.unavailable[name]}", file=sys.stderr)
-    if "relay" in args.targets:
-        port = targets.ports["relay"] = free_port()
-        command = [sys.executable, str(Path(__file__).resolve()), "--relay-server"]
-        relay = Proxy("relay", port, scratch / "relay.log", [[*command, f"{pg.port}:{port}"]])
-        stack.enter_context(relay)
-        if relay.start():
-            targets.proxies["relay"] = relay
+    if "floor" in args.targets:
+        port = targets.ports["floor"] = free_port()
+        command = [sys.executable, str(Path(__file__).with_name("floor_pooler.py"))]
+        command += [f"{pg.port}:{port}", "--pool-size", str(args.pool_size)]
+        floor = Proxy("floor", port, scratch / "floor.log", [command])
+        stack.enter_context(floor)
+        if floor.start():
+            targets.proxies["floor"] = floor
         else:
-            targets.unavailable["relay"] = f"not available ({relay.error})"
+            targets.unavailable["floor"] = f"not available ({floor.error})"
     info = machine(PACKAGES)
     info.update(
         postgresql=pg.psql("SHOW server_version").strip(),

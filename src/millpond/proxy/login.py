@@ -57,22 +57,22 @@ class ClientHandshake:
 
     def startup_data(self, data: bytes) -> None:
         client = self.client
-        self.startup.feed(data)
-        packet = self.startup.next_packet()
+        packet = self.startup.read(data)
         if packet is None:
             return
-        if isinstance(packet, SSLRequest | GSSENCRequest):
-            client.proxy.negotiate_tls(client, isinstance(packet, SSLRequest))
-            return
-        if isinstance(packet, CancelRequest):
+        kind = type(packet)
+        if kind is StartupMessage:
+            assert isinstance(packet, StartupMessage)
+            rest = self.startup.take_rest()
+            if rest:
+                client.reader.feed(rest)
+            client.proxy.login(client, packet)
+        elif kind is SSLRequest or kind is GSSENCRequest:
+            client.proxy.negotiate_tls(client, kind is SSLRequest)
+        else:
+            assert isinstance(packet, CancelRequest)
             client.proxy.cancel(packet)
             client.close()
-            return
-        assert isinstance(packet, StartupMessage)
-        rest = self.startup.take_rest()
-        if rest:
-            client.reader.feed(rest)
-        client.proxy.login(client, packet)
 
     def start_auth(self, authenticator: Any) -> None:
         self.auth = authenticator
@@ -105,7 +105,7 @@ class ClientHandshake:
             client.proxy.stats_login_failed(client)
             client.close()
         elif step.ok:
-            keys = getattr(self.auth, "scram_keys", None)
+            keys = self.auth.scram_keys
             if keys is not None:  # for the server login as this user (SCRAM pass-through)
                 client.proxy.scram_keys[client.user] = keys
             self.auth = None
@@ -115,22 +115,53 @@ class ClientHandshake:
         """Send the login's answer in one write: AuthenticationOk, the parameters, our own
         cancel key, ReadyForQuery."""
         client = self.client
-        params = dict(server_params)
-        params.update(client.params)
-        for name in TRACKED_PARAMS:
-            if name in params:
-                client.params.setdefault(name, params[name])
-        client.param_sig = tuple(client.params.get(name) for name in TRACKED_PARAMS)
-        out = [self.greeting]
-        self.greeting = b""
-        out.extend(m.parameter_status(k, v) for k, v in params.items())
-        out.append(m.backend_key_data(client.pid, client.key))
-        out.append(m.ready_for_query(m.TX_IDLE))
+        key = (tuple(server_params.items()), tuple(client.params.items()))
+        known = _WELCOMES.get(key)
+        if known is None:
+            known = _welcome_parts(server_params, client.params)
+            if len(_WELCOMES) >= _WELCOMES_KEPT:
+                _WELCOMES.clear()
+            _WELCOMES[key] = known
+        statuses, defaults, client.param_sig = known
+        if defaults:
+            client.params.update(defaults)
+        greeting, self.greeting = self.greeting, b""
         assert client.transport is not None
-        client.transport.write(b"".join(out))
+        client.transport.write(
+            greeting + statuses + m.backend_key_data(client.pid, client.key) + _READY_IDLE
+        )
+
+
+#: The parameter part of recent welcomes, by (server parameters, client parameters):
+#: every client with the same startup parameters on the same pool gets the same bytes.
+_WELCOMES: dict[tuple[Any, ...], tuple[bytes, dict[str, str], tuple[str | None, ...]]] = {}
+_WELCOMES_KEPT = 256
+_READY_IDLE = m.ready_for_query(m.TX_IDLE)
+
+
+def _welcome_parts(
+    server_params: dict[str, str], client_params: dict[str, str]
+) -> tuple[bytes, dict[str, str], tuple[str | None, ...]]:
+    """The ParameterStatus messages a client is welcomed with (the server's parameters,
+    overridden by what the client asked for), the tracked parameters it did not set
+    (it takes the server's), and its parameter signature."""
+    params = dict(server_params)
+    params.update(client_params)
+    defaults = {
+        name: params[name]
+        for name in TRACKED_PARAMS
+        if name in params and name not in client_params
+    }
+    signature = tuple(client_params.get(name, defaults.get(name)) for name in TRACKED_PARAMS)
+    statuses = b"".join(m.parameter_status(k, v) for k, v in params.items())
+    return statuses, defaults, signature
 
 
 class Authenticator(Protocol):
+    #: after a SCRAM login checked against a stored SCRAM secret, its ClientKey and
+    #: ServerKey (for SCRAM pass-through); None otherwise
+    scram_keys: tuple[bytes, bytes] | None
+
     def start(self) -> AuthStep: ...
 
     def feed(self, message_type: bytes, payload: Payload) -> AuthStep: ...
@@ -138,6 +169,8 @@ class Authenticator(Protocol):
 
 class Decided:
     """A login decided before any exchange: let in (``any``) or refuse outright."""
+
+    scram_keys: tuple[bytes, bytes] | None = None  # no SCRAM exchange, nothing to pass on
 
     def __init__(self, step: AuthStep) -> None:
         self._step = step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -232,7 +233,7 @@ class Proxy:
         if s.max_client_conn and len(self.clients) > s.max_client_conn:
             client.fail("08P01", "no more connections allowed (max_client_conn)")
             return
-        tracked = set(TRACKED_PARAMS) | set(s.track_extra_parameters)
+        tracked = _tracked(s.track_extra_parameters)
         for name, value in packet.params.items():
             if name in ("user", "database") or name in s.ignore_startup_parameters:
                 continue
@@ -483,6 +484,13 @@ class Proxy:
         parked, self.parked = self.parked, []
         for client in parked:
             client.resume_from_pause()
+
+
+@functools.lru_cache(maxsize=8)
+def _tracked(extra: tuple[str, ...]) -> frozenset[str]:
+    """The startup parameters a client may set: PgBouncer's tracked ones and
+    track_extra_parameters (cached: the setting changes only on RELOAD)."""
+    return frozenset(TRACKED_PARAMS) | frozenset(extra)
 
 
 def _set_policies(pool: ServerPool, db: DatabaseEntry, s: ProxySettings) -> None:

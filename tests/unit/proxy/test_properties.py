@@ -299,6 +299,42 @@ def test_startup_message_round_trip(params: dict[str, str], user: str) -> None:
     assert reader.buffered == 0
 
 
+def _startup_outcomes(reader: StartupReader, chunks: list[bytes], fast: bool) -> list[object]:
+    """Every packet (or the ProtocolError) a reader yields for these chunks, then what
+    it still buffers."""
+    out: list[object] = []
+    try:
+        for chunk in chunks:
+            packet = reader.read(chunk) if fast else (reader.feed(chunk), reader.next_packet())[1]
+            while packet is not None:
+                out.append(packet)
+                packet = reader.next_packet()
+    except ProtocolError as exc:
+        out.append(f"error: {exc}")
+    return [*out, reader.take_rest()]
+
+
+@SETTINGS
+@given(source=garbage_sources, limit=st.integers(8, 3000), data=st.data())
+def test_startup_read_agrees_with_feed_and_next_packet(
+    source: tuple[str, bytes], limit: int, data: st.DataObject
+) -> None:
+    """StartupReader.read's no-buffer shortcut changes nothing a client can see: same
+    packets, same errors, same leftovers as feed() + next_packet(), on any chunking of
+    valid, random or mutated streams (SSLRequest then a StartupMessage included)."""
+    kind, stream = source
+    packets = [m.ssl_request(), m.startup_message({"user": "u", "database": "d"})]
+    if kind == "mutated":
+        chunks = chunked(data, mutate(data, b"".join(packets) + stream))
+    elif data.draw(st.booleans()):  # a real login, one packet per read, then some more
+        chunks = [*packets, *chunked(data, stream[: data.draw(st.integers(0, 20))])]
+    else:
+        chunks = chunked(data, stream)
+    fast = _startup_outcomes(StartupReader(max_packet_length=limit), chunks, True)
+    slow = _startup_outcomes(StartupReader(max_packet_length=limit), chunks, False)
+    assert fast == slow
+
+
 @given(names=st.lists(no_nul_text, max_size=10))
 def test_row_description_round_trip(names: list[str]) -> None:
     assert p.decode_row_description(m.row_description(names)[5:]).names == tuple(names)

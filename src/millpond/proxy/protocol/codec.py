@@ -465,6 +465,16 @@ class StartupReader:
         self._buf += data
         self._packet_length()
 
+    def read(self, data: Payload) -> StartupPacket | None:
+        """:meth:`feed` then :meth:`next_packet`, without buffering when ``data`` is
+        exactly one packet and nothing waits before it (how clients send them)."""
+        if not self._buf and len(data) >= 8:
+            length = _LENGTH.unpack_from(data)[0]
+            if length == len(data) and length <= self._limit:
+                return decode_startup_packet(data[4:])
+        self.feed(data)
+        return self.next_packet()
+
     def next_packet(self) -> StartupPacket | None:
         """Decode and remove the next complete packet, or return ``None`` for "need more"."""
         length = self._packet_length()

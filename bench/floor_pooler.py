@@ -1,0 +1,149 @@
+"""The least a Python transaction pooler can do: the floor under millpond proxy's numbers.
+
+``python bench/floor_pooler.py PG_PORT:PORT [--pool-size N]`` logs in to PostgreSQL
+(trust, as ``postgres`` to the database ``bench``) ``N`` times, then listens on ``PORT``
+and pools: it refuses SSL, answers every client's startup packet with the first server
+login's welcome (no authentication, no parameters tracked), forwards each client read to
+a free server connection or queues it, and at a ReadyForQuery that says idle hands the
+server connection to the next queued client, all on uvloop Protocols.
+
+It is not a pooler anyone should run: it checks nothing (no message framing beyond the
+last six bytes of a read, no cancel, no errors, no limits, no statistics, one query per
+client read), so it is only correct for pgbench's own scripts. That is the point: it is
+what any pooler written in Python on uvloop spends at the least, the event loop's and
+the kernel's share, with none of millpond's work. proxy_bench.py runs it as the target
+``floor`` beside PgBouncer and millpond proxy, so a run shows how much of the distance to
+PgBouncer is the language and how much is millpond's own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import struct
+import sys
+from collections import deque
+from typing import cast
+
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
+TERMINATE = b"X\x00\x00\x00\x04"
+
+
+class Server(asyncio.Protocol):
+    """A server connection: logs in once, then answers whichever client it serves."""
+
+    def __init__(self, pool: Floor) -> None:
+        self.pool = pool
+        self.client: Client | None = None
+        self.tail = b""  # the last bytes read: a ReadyForQuery may straddle two reads
+        self.welcome = b""  # what the login got, up to its ReadyForQuery
+        self.login: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        tail = (self.tail + data)[-6:]
+        self.tail = tail
+        client = self.client
+        if client is None:  # the login: everything up to the first ReadyForQuery
+            self.welcome += data
+            if tail[:1] == b"Z" and not self.login.done():
+                self.login.set_result(self.welcome)
+            return
+        client.transport.write(data)
+        if tail[:1] == b"Z" and tail[5:] == b"I":  # transaction over: next client
+            client.server = None
+            self.pool.release(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        print(f"floor: a server connection closed ({exc})", file=sys.stderr, flush=True)
+
+
+class Client(asyncio.Protocol):
+    """A client connection: one canned login, then each read goes to a server."""
+
+    def __init__(self, pool: Floor) -> None:
+        self.pool = pool
+        self.server: Server | None = None
+        self.started = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.started:
+            if data == SSL_REQUEST:
+                self.transport.write(b"N")
+            else:
+                self.started = True
+                self.transport.write(self.pool.welcome)
+            return
+        if data == TERMINATE:
+            self.transport.close()
+            return
+        server = self.server
+        if server is None:
+            pool = self.pool
+            if not pool.free:
+                pool.waiting.append((self, data))
+                return
+            server = self.server = pool.free.pop()
+            server.client = self
+        server.transport.write(data)
+
+
+class Floor:
+    """The pool: free server connections and the clients waiting for one."""
+
+    def __init__(self) -> None:
+        self.free: list[Server] = []
+        self.waiting: deque[tuple[Client, bytes]] = deque()
+        self.welcome = b""
+
+    def release(self, server: Server) -> None:
+        while self.waiting:
+            client, data = self.waiting.popleft()
+            if client.transport.is_closing():
+                continue
+            server.client, client.server = client, server
+            server.transport.write(data)
+            return
+        server.client = None
+        self.free.append(server)
+
+
+async def serve(pg_port: int, port: int, pool_size: int) -> None:
+    loop = asyncio.get_running_loop()
+    pool = Floor()
+    body = b"\x00\x03\x00\x00user\x00postgres\x00database\x00bench\x00\x00"
+    startup = struct.pack("!I", len(body) + 4) + body
+    for _ in range(pool_size):
+        _, server = await loop.create_connection(lambda: Server(pool), "127.0.0.1", pg_port)
+        server.transport.write(startup)
+        pool.welcome = await server.login
+        if pool.welcome[:1] != b"R" or pool.welcome[5:9] != b"\x00\x00\x00\x00":
+            raise SystemExit(f"floor: the server wants a password or failed: {pool.welcome!r}")
+        pool.free.append(server)
+    listener = await loop.create_server(lambda: Client(pool), "127.0.0.1", port, backlog=4096)
+    print(f"floor pooler listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    await listener.serve_forever()
+
+
+def main() -> None:
+    import uvloop
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ports", help="PG_PORT:PORT")
+    parser.add_argument("--pool-size", type=int, default=20)
+    args = parser.parse_args()
+    pg_port, port = (int(p) for p in args.ports.split(":"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve(pg_port, port, args.pool_size))
+
+
+if __name__ == "__main__":
+    main()
