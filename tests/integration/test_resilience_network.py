@@ -242,10 +242,10 @@ def test_terminated_backends_under_load(own_cluster: ClusterFactory, driver: str
             reconnect_delay_max=0.1,
             connect_kwargs=app_kwargs(driver, app),
         ) as pool:
-
             busy = 0  # workers inside acquire() or holding a connection
             gate = asyncio.Event()  # cleared while a kill must find every connection idle
             gate.set()
+            all_idle = asyncio.Event()  # set when busy drops to 0
             idle_kills = 0
 
             async def worker() -> None:
@@ -266,6 +266,8 @@ def test_terminated_backends_under_load(own_cluster: ClusterFactory, driver: str
                         pass
                     finally:
                         busy -= 1
+                        if not busy:
+                            all_idle.set()
                     await asyncio.sleep(0.001)  # some connections sit idle now and then
 
             async def terminator() -> None:
@@ -279,8 +281,9 @@ def test_terminated_backends_under_load(own_cluster: ClusterFactory, driver: str
                     quiet = i % 2 == 0
                     if quiet:
                         gate.clear()
-                        while busy:
-                            await asyncio.sleep(0.001)
+                        all_idle.clear()
+                        if busy:
+                            await all_idle.wait()
                     rows = await killer.fetch(
                         "SELECT pid FROM pg_stat_activity WHERE application_name = $1", app
                     )
