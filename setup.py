@@ -1,7 +1,9 @@
-"""Build the optional compiled framing walk (millpond.proxy.protocol._scan).
+"""Build the optional compiled helpers: the proxy's framing walk
+(millpond.proxy.protocol._scan) and the pool's histogram recording
+(millpond.pool._histogram).
 
-Everything else is in pyproject.toml. The extension is optional: without a C compiler
-(or Cython) millpond installs and runs on its pure-Python framing, only slower.
+Everything else is in pyproject.toml. The extensions are optional: without a C compiler
+(or Cython) millpond installs and runs on their pure-Python twins, only slower.
 """
 
 from setuptools import Extension, setup
@@ -17,7 +19,12 @@ else:
                 "millpond.proxy.protocol._scan",
                 ["src/millpond/proxy/protocol/_scan.pyx"],
                 optional=True,
-            )
+            ),
+            Extension(
+                "millpond.pool._histogram",
+                ["src/millpond/pool/_histogram.pyx"],
+                optional=True,
+            ),
         ],
         build_dir="build/cython",
         quiet=True,

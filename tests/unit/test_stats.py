@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from millpond.pool.stats import Histogram, _bucket, _bucket_upper_us
+from millpond.pool.stats import Histogram, PyHistogramBase, _bucket, _bucket_upper_us
 
 
 def test_percentiles_within_bucket_resolution() -> None:
@@ -61,3 +62,36 @@ def test_recorded_samples_land_in_buckets(samples: list[float]) -> None:
         h.record(seconds)
     snap = h.snapshot()
     assert snap.count == len(samples) == sum(snap.buckets)
+
+
+# -- the compiled twin (millpond.pool._histogram) ---------------------------------------
+
+
+def _compiled_base() -> type:
+    try:
+        from millpond.pool._histogram import HistogramBase
+    except ImportError:  # fail (not skip): CI builds the extension, so this is a bug
+        pytest.fail("millpond was installed without its compiled helpers (a C compiler?)")
+    return HistogramBase  # type: ignore[no-any-return]
+
+
+def test_histogram_uses_the_compiled_base() -> None:
+    assert issubclass(Histogram, _compiled_base())
+
+
+durations = st.one_of(
+    st.floats(min_value=-1.0, max_value=1e7, allow_nan=False),  # past the last bucket too
+    st.floats(min_value=0.0, max_value=1e-5),  # the first, linear buckets
+    st.integers(min_value=0, max_value=2**40).map(lambda us: us / 1e6),  # bucket edges
+)
+
+
+@given(st.lists(durations, max_size=60))
+def test_compiled_record_matches_python(samples: list[float]) -> None:
+    """Same buckets, count, sum and max as the pure-Python reference, for any samples."""
+    ours, reference = _compiled_base()(), PyHistogramBase()
+    for s in samples:
+        ours.record(s)
+        reference.record(s)
+    assert list(ours.buckets) == list(reference.buckets)
+    assert (ours.count, ours.sum, ours.max) == (reference.count, reference.sum, reference.max)

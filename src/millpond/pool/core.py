@@ -58,6 +58,7 @@ _DIRTY = Release.DIRTY
 # Enum members as plain names: a class attribute of an Enum is a slow lookup (EnumType
 # has __getattr__), and these are read on every lend and release.
 _IN_USE, _IDLE = SlotState.IN_USE, SlotState.IDLE
+_OPEN = BreakerState.OPEN
 
 
 class Waiter:
@@ -144,7 +145,8 @@ class PoolCore:
         """Queue a caller for the next free connection (after acquire_nowait failed)."""
         if self.closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
-        if self.breaker is not None and self._fails_fast(now):
+        breaker = self.breaker
+        if breaker is not None and breaker.state is _OPEN and self._fails_fast(now):
             self.counters.breaker_rejected += 1
             future.set_exception(self._circuit_open(now))
             return Waiter(future, now)
@@ -176,6 +178,16 @@ class PoolCore:
             self._after_loss(slot, verdict is Release.LOST, now)
             return
         config = self.config
+        if (  # _retire_reason() is None, spelt out: this runs on every release
+            verdict is _CLEAN
+            and slot.retire is None
+            and now < slot.expires_at
+            and not self.closed
+            and not (config.max_uses and slot.uses >= config.max_uses)
+            and config.reset != "always"
+        ):
+            self._put_back(slot, now)
+            return
         reason = self._retire_reason(slot, now)
         if reason is not None:
             self._retire(slot, reason)
@@ -188,6 +200,8 @@ class PoolCore:
             self._put_back(slot, now)
 
     def _retire_reason(self, slot: Slot, now: float) -> CloseReason | None:
+        """Why ``slot`` must close instead of being lent again, or None. release()
+        spells the same test out on its fast path: change both (test_pool_core.py)."""
         if self.closed:
             return CloseReason.POOL_CLOSED
         if slot.retire is not None:
@@ -204,11 +218,20 @@ class PoolCore:
         waiters = self.waiters
         while waiters:
             waiter = waiters.popleft()
-            if waiter.future.done():
+            future = waiter.future
+            if future.done():
                 continue
-            self._lend(slot, now)
-            self.counters.wait_time.record(now - waiter.since)
-            waiter.future.set_result(slot)
+            if slot.state is _IN_USE:  # released and lent again at once: _lend, inlined
+                slot.acquired_at = now
+                slot.uses += 1
+                slot.leak_reported = False
+                counters = self.counters
+                counters.acquires += 1
+            else:
+                self._lend(slot, now)
+                counters = self.counters
+            counters.wait_time.record(now - waiter.since)
+            future.set_result(slot)
             return
         slot.move(_IDLE)
         slot.idle_since = now

@@ -10,6 +10,7 @@ from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from millpond.pool.state import CloseReason
 
@@ -38,8 +39,9 @@ def _bucket_upper_us(idx: int) -> float:
     return float(low + (1 << (bits - 3)) - 1)
 
 
-class Histogram:
-    """A log-bucketed duration histogram: O(1) record, percentiles within ~19%."""
+class PyHistogramBase:
+    """A log-bucketed duration histogram's data and its O(1) record (the reference for
+    the compiled twin in :mod:`millpond.pool._histogram`)."""
 
     __slots__ = ("buckets", "count", "max", "sum")
 
@@ -63,6 +65,23 @@ class Histogram:
         bits = us.bit_length()
         idx = (bits - 2) * _SUB + ((us >> (bits - 3)) & (_SUB - 1))
         self.buckets[idx if idx < _NBUCKETS else _NBUCKETS - 1] += 1
+
+
+#: What Histogram builds on: the compiled twin when millpond was built with a C compiler
+#: (the same attributes and record(); the tests hold the two to the same results).
+if TYPE_CHECKING:
+    HistogramBase = PyHistogramBase
+else:
+    try:
+        from millpond.pool._histogram import HistogramBase
+    except ImportError:  # pragma: no cover - a build without a C compiler
+        HistogramBase = PyHistogramBase
+
+
+class Histogram(HistogramBase):
+    """A log-bucketed duration histogram: O(1) record, percentiles within ~19%."""
+
+    __slots__ = ()
 
     def snapshot(self, zeros: int = 0) -> HistogramSnapshot:
         """A frozen copy. ``zeros``: that many more samples of 0 s, counted elsewhere

@@ -265,7 +265,11 @@ class ClientConnection(asyncio.Protocol):
         """
         self.state = ClientState.WAITING
         self._held = held
-        handle = pool.wait(self, self.request_time)  # the hand-off calls set_result
+        try:
+            handle = pool.wait(self, self.request_time)  # the hand-off calls set_result
+        except PoolClosed:
+            self.fail("08P01", "pooler is shutting down")
+            return
         if self.state is ClientState.WAITING:
             self._wait = handle
 
@@ -390,6 +394,9 @@ class ClientConnection(asyncio.Protocol):
             pool.lends.acquires += 1  # a lend all the same, for the statistics
             self.state = _ACTIVE
             self._forward_span(data, types, now)
+            return
+        if pool.waiters:  # others wait already: no server is idle or kept, queue behind
+            self._queue(pool, (data, types))
             return
         slot = self._take(pool, now)
         if self.state is _CLOSED:
