@@ -60,7 +60,9 @@ class ServerState(enum.Enum):
     CLOSED = "closed"
 
 
-_IDLE, _CLOSED = ServerState.IDLE, ServerState.CLOSED
+_LOGIN, _IDLE, _INTERNAL, _CLOSED = (
+    ServerState.LOGIN, ServerState.IDLE, ServerState.INTERNAL, ServerState.CLOSED
+)  # fmt: skip
 _BROKEN, _DIRTY, _CLEAN = Release.BROKEN, Release.DIRTY, Release.CLEAN
 
 
@@ -98,7 +100,7 @@ class ServerConnection(asyncio.Protocol):
         self.target = target
         self.transport: asyncio.Transport | None = None
         self.reader = MessageReader()
-        self.state = ServerState.LOGIN
+        self.state = _LOGIN
         self.params: dict[str, str] = {}
         self.backend_pid = 0
         self.backend_key: bytes = b""
@@ -154,7 +156,7 @@ class ServerConnection(asyncio.Protocol):
             self.abort(f"server sent a bad message: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state = ServerState.CLOSED
+        self.state = _CLOSED
         self._finish_wait(ConnectionError(self._error or "server closed the connection"))
         client = self.client
         if client is not None:
@@ -175,7 +177,7 @@ class ServerConnection(asyncio.Protocol):
     def _inspect(self, messages: MessageReader | None = None) -> None:
         for msg in self.reader if messages is None else messages:
             kind, payload = msg.type, msg.payload
-            if kind == m.AUTHENTICATION and self.state is ServerState.LOGIN:
+            if kind == m.AUTHENTICATION and self.state is _LOGIN:
                 self._authenticate(payload)
             elif kind == m.PARAMETER_STATUS:
                 status = decode_parameter_status(payload)
@@ -187,13 +189,13 @@ class ServerConnection(asyncio.Protocol):
             elif kind == m.ERROR_RESPONSE:
                 err = decode_error_response(payload)
                 self._error = f"{err.severity} {err.code}: {err.message}"
-                if self.state is not ServerState.INTERNAL or err.severity in ("FATAL", "PANIC"):
+                if self.state is not _INTERNAL or err.severity in ("FATAL", "PANIC"):
                     self.abort(self._error)
                     return
             elif kind == m.READY_FOR_QUERY:
                 self.tx_status = bytes(payload[:1])
                 self._ready()
-            elif kind == m.DATA_ROW and self.state is ServerState.INTERNAL:
+            elif kind == m.DATA_ROW and self.state is _INTERNAL:
                 self.rows.append(decode_data_row(payload).values)
             # NoticeResponse, CommandComplete, RowDescription, DataRow...: consumed.
 
@@ -207,9 +209,9 @@ class ServerConnection(asyncio.Protocol):
             self.transport.write(reply)
 
     def _ready(self) -> None:
-        if self.state is ServerState.LOGIN or self.state is ServerState.INTERNAL:
+        if self.state is _LOGIN or self.state is _INTERNAL:
             failed, self._error = self._error, None
-            self.state = ServerState.IDLE
+            self.state = _IDLE
             done, self._on_internal_done = self._on_internal_done, None
             self._finish_wait(RuntimeError(failed) if failed else None)
             if done is not None:
@@ -228,9 +230,9 @@ class ServerConnection(asyncio.Protocol):
 
     async def wait_ready(self) -> None:
         """Wait for the pending login or internal query to finish."""
-        if self.state is ServerState.IDLE:
+        if self.state is _IDLE:
             return
-        if self.state is ServerState.CLOSED:
+        if self.state is _CLOSED:
             raise ConnectionError(self._error or "server connection is closed")
         self._waiter = asyncio.get_running_loop().create_future()
         await self._waiter
@@ -241,7 +243,7 @@ class ServerConnection(asyncio.Protocol):
 
     def _send_internal(self, data: bytes, done: Callable[[], None] | None = None) -> None:
         assert self.transport is not None
-        self.state = ServerState.INTERNAL
+        self.state = _INTERNAL
         self.rows = []
         self._on_internal_done = done
         self.transport.write(data)
@@ -262,18 +264,14 @@ class ServerConnection(asyncio.Protocol):
 
     @property
     def closed(self) -> bool:
-        return (
-            self.state is ServerState.CLOSED
-            or self.transport is None
-            or self.transport.is_closing()
-        )
+        return self.state is _CLOSED or self.transport is None or self.transport.is_closing()
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once (a desync or a fatal error)."""
-        if self.state is not ServerState.CLOSED:
+        if self.state is not _CLOSED:
             log.debug("closing server connection %r: %s", self, reason)
         self._error = self._error or reason
-        self.state = ServerState.CLOSED
+        self.state = _CLOSED
         if self.transport is not None:
             self.transport.abort()
         self._finish_wait(ConnectionError(reason))
@@ -288,7 +286,7 @@ class ServerConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(m.terminate())
             self.transport.close()
-        self.state = ServerState.CLOSED
+        self.state = _CLOSED
 
 
 async def open_server(

@@ -58,8 +58,14 @@ class ClientState(enum.Enum):
 
 # Enum members and constants as plain names for the hot path (a class attribute of an
 # Enum is a slow lookup: EnumType has __getattr__).
-_ACTIVE, _IDLE, _CLOSED = ClientState.ACTIVE, ClientState.IDLE, ClientState.CLOSED
+_STARTUP, _AUTH, _LOGIN = ClientState.STARTUP, ClientState.AUTH, ClientState.LOGIN
+_IDLE, _WAITING, _ACTIVE, _CLOSED = (
+    ClientState.IDLE, ClientState.WAITING, ClientState.ACTIVE, ClientState.CLOSED
+)  # fmt: skip
 _TX_IDLE = m.TX_IDLE
+# Type bytes as ints: ``int in bytes`` is a memchr, while a bytes needle first fails
+# (with a formatted TypeError, raised and cleared) to be read as an int.
+_PARAMETER_STATUS, _QUERY = ord(m.PARAMETER_STATUS), ord(m.QUERY)
 _PIDS = itertools.count(secrets.randbits(30))
 
 
@@ -110,7 +116,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.transport: asyncio.Transport | None = None
-        self.state = ClientState.STARTUP
+        self.state = _STARTUP
         self.handshake: ClientHandshake | None = ClientHandshake(self)  # until welcomed
         self.reader = MessageReader()
         self.user = ""
@@ -169,21 +175,21 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     self.reader.feed(data)
                     self._need_server()
-            elif state is ClientState.STARTUP:
+            elif state is _STARTUP:
                 assert self.handshake is not None
                 self.handshake.startup_data(data)
-            elif self.state is ClientState.AUTH:
+            elif self.state is _AUTH:
                 assert self.handshake is not None
                 self.reader.feed(data)
                 self.handshake.auth_data()
             elif self.admin is not None:
                 self.reader.feed(data)
                 self.admin.data_ready(self)
-            elif state is ClientState.WAITING:
+            elif state is _WAITING:
                 self._hold(data)
             else:
                 self.reader.feed(data)
-                if self.state is ClientState.IDLE:
+                if self.state is _IDLE:
                     self.last_active = monotonic()
                     self._need_server()
         except ProtocolError as exc:
@@ -200,7 +206,7 @@ class ClientConnection(asyncio.Protocol):
     def start_auth(self, authenticator: Any) -> None:
         """Begin authentication with a sans-I/O authenticator (see ClientHandshake)."""
         assert self.handshake is not None
-        self.state = ClientState.AUTH
+        self.state = _AUTH
         self.handshake.start_auth(authenticator)
 
     def welcome(self, server_params: dict[str, str]) -> None:
@@ -209,7 +215,7 @@ class ClientConnection(asyncio.Protocol):
         self.handshake.welcome(server_params)
         self.handshake = None  # the startup reader and the authenticator go with it
         self.welcomed = True
-        self.state = ClientState.IDLE
+        self.state = _IDLE
         if self.admin is not None:
             if self.reader.buffered:
                 self.admin.data_ready(self)
@@ -235,13 +241,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self.request_time = monotonic()
         if pool.paused:
-            self.state = ClientState.WAITING
+            self.state = _WAITING
             self.proxy.park(self)
             return
         slot = self._take(pool)
         if slot is not None:
             self._link(slot)
-        elif self.state is not ClientState.CLOSED:
+        elif self.state is not _CLOSED:
             self._queue(pool)
 
     def _take(self, pool: ServerPool, now: float = 0.0) -> Slot | None:
@@ -263,14 +269,14 @@ class ClientConnection(asyncio.Protocol):
         meanwhile (so a client that leaves is noticed at once) until the client has
         sent more than _WAIT_BUFFER bytes: then it stops until a server is linked.
         """
-        self.state = ClientState.WAITING
+        self.state = _WAITING
         self._held = held
         try:
             handle = pool.wait(self, self.request_time)  # the hand-off calls set_result
         except PoolClosed:
             self.fail("08P01", "pooler is shutting down")
             return
-        if self.state is ClientState.WAITING:
+        if self.state is _WAITING:
             self._wait = handle
 
     def _hold(self, data: bytes) -> None:
@@ -290,24 +296,24 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def resume_from_pause(self) -> None:
-        if self.state is ClientState.WAITING and self._wait is None:
+        if self.state is _WAITING and self._wait is None:
             held, self._held = self._held, None
             if held is not None:
                 self.reader.feed(held[0])
             self._resume_reading()
-            self.state = ClientState.IDLE
+            self.state = _IDLE
             self._need_server()
 
     # -- the pool core hands us a server as it would resolve a future (pools.Handoff) --
 
     def done(self) -> bool:
         """Handed a server already, or no longer waiting for one."""
-        return self._wait is None and self.state is not ClientState.WAITING
+        return self._wait is None and self.state is not _WAITING
 
     def set_result(self, slot: Slot) -> None:
         """The pool handed us a server connection (called synchronously by the core)."""
         self._wait = None
-        if self.state is not ClientState.WAITING:
+        if self.state is not _WAITING:
             assert self.pool is not None
             self.pool.give(slot)  # we left while it was on its way
             return
@@ -343,7 +349,7 @@ class ClientConnection(asyncio.Protocol):
             if sets:
                 if span is not None:
                     self.reader.feed(span[0])
-                self.state = ClientState.LOGIN  # hold client data until the SETs finish
+                self.state = _LOGIN  # hold client data until the SETs finish
                 server.run_internal(sets, self._after_sets)
                 return
         if span is not None:
@@ -360,9 +366,9 @@ class ClientConnection(asyncio.Protocol):
         return ";".join(parts)
 
     def _after_sets(self) -> None:
-        if self.server is None or self.state is ClientState.CLOSED:
+        if self.server is None or self.state is _CLOSED:
             return
-        self.state = ClientState.ACTIVE
+        self.state = _ACTIVE
         self._forward()
 
     def _forward(self) -> None:
@@ -479,7 +485,7 @@ class ClientConnection(asyncio.Protocol):
         assert pool is not None
         counters = pool.counters
         counters.bytes_sent += len(data)
-        if b"S" in types:
+        if _PARAMETER_STATUS in types:
             self._server_params(server, data)
         if ready is None:
             return
@@ -510,7 +516,7 @@ class ClientConnection(asyncio.Protocol):
         if session.pending:
             names = sorted(session.pending)
             session.pending.clear()
-            self.state = ClientState.LOGIN  # hold client data while we ask the server
+            self.state = _LOGIN  # hold client data while we ask the server
             server.run_internal(readback_sql(names), lambda: self._settled(server, names))
             return
         if session.pinned:
@@ -542,11 +548,11 @@ class ClientConnection(asyncio.Protocol):
             self._unlink(now)
 
     def _settled(self, server: ServerConnection, names: list[str]) -> None:
-        if server is not self.server or self.state is ClientState.CLOSED:
+        if server is not self.server or self.state is _CLOSED:
             return
         if server.rows:
             self.session.settle(server.applied, names, server.rows[0])
-        self.state = ClientState.ACTIVE
+        self.state = _ACTIVE
         self._transaction_done(server)
 
     def _note_session(self, data: Any, types: bytes) -> bool:
@@ -556,7 +562,7 @@ class ClientConnection(asyncio.Protocol):
         assert pool is not None
         policy = pool.session_pinning
         was_pinned = self.session.pinned
-        reason = self.session.inspect(texts, reject=policy == "reject" and b"Q" in types)
+        reason = self.session.inspect(texts, reject=policy == "reject" and _QUERY in types)
         if reason is not None:
             text = (
                 f"{reason} needs a dedicated server connection, which transaction pooling "
@@ -636,9 +642,9 @@ class ClientConnection(asyncio.Protocol):
         self._closed()
 
     def _closed(self) -> None:
-        if self.state is ClientState.CLOSED:
+        if self.state is _CLOSED:
             return
-        self.state = ClientState.CLOSED
+        self.state = _CLOSED
         if self._wait is not None and self.pool is not None:
             self.pool.cancel_wait(self._wait)
             self._wait = None
