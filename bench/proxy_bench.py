@@ -18,6 +18,9 @@ If ``millpond proxy`` cannot start (e.g. it is not written yet), its rows say
 "not available" and the rest still runs. ``--only ...,floor`` adds a reference target:
 bench/floor_pooler.py, the least a transaction pooler in Python on uvloop can do (no
 checks, no parsing, same pool size), i.e. the floor under any Python proxy's numbers.
+``--baseline DIR`` adds another: millpond run from another checkout's ``DIR/src`` (e.g.
+``git worktree add /tmp/base HEAD~3``), in the same interleaved rounds, to measure a
+change against the code before it; a second ratio table then gives millpond/baseline.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ USER = "postgres"
 TARGETS = ("direct", "pgbouncer", "millpond")
 #: ``floor`` (only with --only): bench/floor_pooler.py, a transaction pooler in Python that
 #: does nothing it can skip: the floor of what a Python pooler costs, for comparison
-ALL_TARGETS = (*TARGETS, "floor")
+#: ``baseline`` (only with --baseline DIR): millpond from another checkout, for A/B runs
+ALL_TARGETS = (*TARGETS, "floor", "baseline")
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -74,12 +78,12 @@ CASES = (
         "S c=1000",
         1000,
         ("-S",),
-        targets=("pgbouncer", "millpond", "floor"),
+        targets=("pgbouncer", "millpond", "floor", "baseline"),
         note="1000 server processes are what a pooler avoids",
     ),
-    Case("S -C c=20", 20, ("-S", "-C"), targets=(*TARGETS, "floor")),
+    Case("S -C c=20", 20, ("-S", "-C"), targets=ALL_TARGETS),
     Case("select 1 c=100", 100, (), script="SELECT 1;\n"),
-    Case("S -M prepared c=100", 100, ("-S", "-M", "prepared"), targets=TARGETS),
+    Case("S -M prepared c=100", 100, ("-S", "-M", "prepared"), targets=(*TARGETS, "baseline")),
 )
 
 #: (case, minimum millpond/PgBouncer TPS ratio): the targets of issue 3
@@ -219,12 +223,14 @@ class Proxy:
         log: Path,
         commands: Sequence[Sequence[str]],
         account: pwd.struct_passwd | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.port = port
         self.log = log
         self.commands = [list(c) for c in commands]
         self.account = account
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.error = ""
         self.restarts = 0
@@ -251,6 +257,7 @@ class Proxy:
     def _start(self, argv: list[str]) -> bool:
         self.stop()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(self.extra_env)
         offset = self.log.stat().st_size if self.log.exists() else 0
         account = self.account
         with self.log.open("ab") as out:
@@ -519,10 +526,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-client-conn", type=int, default=2000)
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale (10)")
     parser.add_argument("--json", help="also write the results here as JSON")
+    parser.add_argument(
+        "--baseline", type=Path, help="also run millpond from this checkout (DIR/src), for A/B"
+    )
     args = parser.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 3.0)
     args.repeats = args.repeats or (1 if args.quick else 5)
-    wanted = args.only.split(",") if args.only else TARGETS
+    wanted = args.only.split(",") if args.only else list(TARGETS)
+    if args.baseline is not None:
+        if not (args.baseline / "src" / "millpond").is_dir():
+            parser.error(f"--baseline: no src/millpond under {args.baseline}")
+        if not list((args.baseline / "src" / "millpond").glob("**/_scan*.so")):
+            print(
+                f"warning: {args.baseline} has no compiled helpers: build them there with "
+                "`python setup.py build_ext --inplace` or the baseline runs pure Python",
+                file=sys.stderr,
+            )
+        wanted.append("baseline")
+    elif "baseline" in wanted:
+        parser.error("--only baseline needs --baseline DIR")
     args.targets = tuple(t for t in ALL_TARGETS if t in wanted)
     if not args.targets or set(wanted) - set(ALL_TARGETS):
         parser.error(f"--only takes some of {', '.join(ALL_TARGETS)}")
@@ -588,8 +610,11 @@ def bench(args: argparse.Namespace, targets: Targets, scratch: Path) -> list[Row
     return list(rows.values())
 
 
-def ratios(rows: list[Row]) -> list[dict[str, Any]]:
-    """millpond/PgBouncer TPS per case: the median of the per-round ratios.
+def ratios(
+    rows: list[Row], mine_name: str = "millpond", theirs_name: str = "pgbouncer"
+) -> list[dict[str, Any]]:
+    """millpond/PgBouncer (or another pair's) TPS per case: the median of the per-round
+    ratios.
 
     Each round runs the two back to back, so a round's ratio cancels most of the drift
     in what else the machine is doing; the range shows how much the rounds disagreed.
@@ -597,13 +622,13 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
     by_key = {(r.case, r.target): r for r in rows}
     out = []
     for case in dict.fromkeys(r.case for r in rows):
-        mine, theirs = by_key.get((case, "millpond")), by_key.get((case, "pgbouncer"))
+        mine, theirs = by_key.get((case, mine_name)), by_key.get((case, theirs_name))
         if mine is None or theirs is None:
             continue
         theirs_by_round = {r.round: r.tps for r in theirs.ok()}
         paired = [r.tps / theirs_by_round[r.round] for r in mine.ok() if r.round in theirs_by_round]
         ratio = median(paired)
-        target = TPS_TARGETS.get(case)
+        target = TPS_TARGETS.get(case) if theirs_name == "pgbouncer" else None
         result = verdict(ratio, target) if target is not None else ""
         if ratio != ratio:
             result = "n/a"
@@ -615,7 +640,12 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
-def report(rows: list[Row], ratio_rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
+def report(
+    rows: list[Row],
+    ratio_rows: list[dict[str, Any]],
+    info: dict[str, Any],
+    baseline_rows: list[dict[str, Any]] | None = None,
+) -> str:
     headers = ["case", "target", "TPS", "avg ms", "p99 ms", "spread", "pooler CPU", "note"]
     body = [row.summary() for row in rows]
     lines = [
@@ -631,16 +661,22 @@ def report(rows: list[Row], ratio_rows: list[dict[str, Any]], info: dict[str, An
         "",
         "millpond / PgBouncer TPS (median of the per-round ratios; range over the rounds):",
     ]
-    ratio_body = []
+    lines.append(ratio_table(ratio_rows))
+    if baseline_rows:
+        lines += ["", "millpond / baseline TPS (the change against the code before it):"]
+        lines.append(ratio_table(baseline_rows))
+    return "\n".join(lines)
+
+
+def ratio_table(ratio_rows: list[dict[str, Any]]) -> str:
+    body = []
     for r in ratio_rows:
         ok = r["ratio"] == r["ratio"]
         ratio = f"{r['ratio']:.2f}x" if ok else "n/a"
         span = f"{r['low']:.2f}-{r['high']:.2f}" if ok else ""
         target = f">= {r['target']:.1f}x" if r["target"] is not None else "(no target)"
-        ratio_body.append([r["case"], ratio, span, target, r["verdict"]])
-    headers = ["case", "ratio", "range", "target", "verdict"]
-    lines.append(table(headers, ratio_body))
-    return "\n".join(lines)
+        body.append([r["case"], ratio, span, target, r["verdict"]])
+    return table(["case", "ratio", "range", "target", "verdict"], body)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -704,6 +740,17 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             targets.proxies["floor"] = floor
         else:
             targets.unavailable["floor"] = f"not available ({floor.error})"
+    if "baseline" in args.targets:
+        port = targets.ports["baseline"] = free_port()
+        ini = write_ini(scratch, "baseline.ini", listen_port=port, **ini_args)
+        command = [sys.executable, "-m", "millpond.cli", "proxy", str(ini)]
+        env = {"PYTHONPATH": str(args.baseline.resolve() / "src")}
+        base = Proxy("baseline", port, scratch / "baseline.log", [command], None, env)
+        stack.enter_context(base)
+        if base.start():
+            targets.proxies["baseline"] = base
+        else:
+            targets.unavailable["baseline"] = f"not available ({base.error})"
     info = machine(PACKAGES)
     info.update(
         postgresql=pg.psql("SHOW server_version").strip(),
@@ -725,12 +772,14 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
                 row.status = f"{pgbouncer_version} predates prepared statements in transaction "
                 row.status += f"mode (1.21+): {row.runs[0].error if row.runs else ''}"
     ratio_rows = ratios(rows)
-    print(report(rows, ratio_rows, info))
+    baseline_rows = ratios(rows, "millpond", "baseline") if "baseline" in args.targets else []
+    print(report(rows, ratio_rows, info, baseline_rows))
     if args.json:
         payload = {
             "machine": info,
             "rows": [{**asdict(r), "median_tps": r.tps()} for r in rows],
             "ratios": ratio_rows,
+            "ratios_to_baseline": baseline_rows,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return 0
