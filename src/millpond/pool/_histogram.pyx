@@ -23,7 +23,7 @@ cdef enum:
 cdef class HistogramBase:
     """count, sum, max and log buckets (4 per power of two of microseconds)."""
 
-    cdef public object buckets  # array('Q'): what snapshots read
+    cdef readonly object buckets  # array("Q"): what snapshots read (record writes via _view)
     cdef public long long count
     cdef public double sum
     cdef public double max
