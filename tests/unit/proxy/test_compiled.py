@@ -37,6 +37,7 @@ def test_the_compiled_helpers_are_in_use() -> None:
     """CI builds the extension; a silent fallback to Python would only show as slowness."""
     assert codec.COMPILED
     assert codec.walk is _scan.walk
+    assert codec.whole is _scan.whole
     assert codec.names_statements is _scan.names_statements
     assert session.hint is _scan.hint
 
@@ -58,6 +59,13 @@ def _same_walk(data: bytes, start: int, stop: bytes, limit: int = LIMIT) -> None
     assert view == compiled
     array = _outcome(_scan.walk, bytearray(data), start, limit, stop)
     assert array == compiled
+
+
+def _same_whole(data: bytes, stop: bytes, limit: int = LIMIT) -> None:
+    python = _outcome(codec._whole, data, limit, stop)
+    assert _outcome(_scan.whole, data, limit, stop) == python
+    assert _outcome(_scan.whole, memoryview(data), limit, stop) == python
+    assert _outcome(_scan.whole, bytearray(data), limit, stop) == python
 
 
 def _message(kind: bytes, body: bytes) -> bytes:
@@ -84,12 +92,23 @@ def test_walk_matches_python_on_message_streams(
     data = b"".join(parts)
     _same_walk(data, min(start, len(data)), stop)
     _same_walk(data[: max(0, len(data) - cut)], 0, stop)  # a message cut short
+    _same_whole(data, stop)
+    _same_whole(data[: max(0, len(data) - cut)], stop)
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=200), st.sampled_from([b"", b"X"]), st.integers(4, 300))
 def test_walk_matches_python_on_garbage(data: bytes, stop: bytes, limit: int) -> None:
     _same_walk(data, 0, stop, limit)
+    _same_whole(data, stop, limit)
+
+
+def test_whole() -> None:
+    query, ready = m.query("SELECT 1"), m.ready_for_query(m.TX_IDLE)
+    assert _scan.whole(query + ready, LIMIT, b"") == (b"QZ", len(query), b"I")
+    assert _scan.whole(query + ready[:-1], LIMIT, b"") is None  # cut short
+    assert _scan.whole(query + m.terminate() + query, LIMIT, b"X") is None  # stops at X
+    assert _scan.whole(b"", LIMIT, b"") == (b"", 0, None)
 
 
 def test_walk_matches_python_on_canned_streams() -> None:

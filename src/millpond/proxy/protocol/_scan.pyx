@@ -88,6 +88,29 @@ def walk(object buf, Py_ssize_t start, Py_ssize_t limit, bytes stop):
         PyBuffer_Release(&view)
 
 
+def whole(object data, Py_ssize_t limit, bytes stop):
+    """``(types, last_offset, ready_status)`` if the walk of ``data`` from 0 covers all
+    of it (whole messages), else None: codec._whole, compiled."""
+    cdef Py_buffer view
+    cdef tuple found
+    cdef Py_ssize_t size
+    if type(data) is bytes:
+        size = PyBytes_GET_SIZE(data)
+        found = _walk(<const unsigned char*>PyBytes_AS_STRING(data), size, 0, limit,
+                      <const unsigned char*>PyBytes_AS_STRING(stop), PyBytes_GET_SIZE(stop))
+    else:
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        size = view.len
+        try:
+            found = _walk(<const unsigned char*>view.buf, size, 0, limit,
+                          <const unsigned char*>PyBytes_AS_STRING(stop), PyBytes_GET_SIZE(stop))
+        finally:
+            PyBuffer_Release(&view)
+    if <Py_ssize_t>found[0] != size:
+        return None
+    return (found[1], found[2], found[3])
+
+
 def names_statements(bytes data):
     """Does any of the whole client messages in ``data`` name a prepared statement
     (Parse, Bind, or Describe/Close of a statement)? codec.names_statements, compiled."""

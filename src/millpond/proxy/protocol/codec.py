@@ -147,6 +147,14 @@ def _ready_status(buf: bytes | bytearray, offset: int) -> bytes:
     return status
 
 
+def _whole(
+    data: bytes | bytearray, limit: int, stop: bytes
+) -> tuple[bytes, int, bytes | None] | None:
+    """``(types, last_offset, ready_status)`` if ``data`` is whole messages, else None."""
+    length, types, last, status = _walk(data, 0, limit, stop)
+    return (types, last, status) if length == len(data) else None
+
+
 def _names_statements(data: bytes) -> bool:
     """Does any of the whole client messages in ``data`` name a prepared statement
     (Parse, Bind, or a Describe/Close of a statement)? Not whole messages: True.
@@ -173,18 +181,19 @@ def _names_statements(data: bytes) -> bool:
     return pos != end
 
 
-#: The framing walk and names_statements: compiled when millpond was built with a C
-#: compiler (millpond.proxy.protocol._scan), else the Python versions above.
+#: The framing walk, whole and names_statements: compiled when millpond was built with a
+#: C compiler (millpond.proxy.protocol._scan), else the Python versions above.
 walk: Callable[[bytes | bytearray, int, int, bytes], tuple[int, bytes, int, bytes | None]]
+whole: Callable[[bytes | bytearray, int, bytes], tuple[bytes, int, bytes | None] | None]
 names_statements: Callable[[bytes], bool]
 try:
     from millpond.proxy.protocol import _scan
 except ImportError:  # pragma: no cover - a build without a C compiler
-    walk, names_statements = _walk, _names_statements
+    walk, whole, names_statements = _walk, _whole, _names_statements
     COMPILED = False
 else:
     _scan.set_error_factories(_bad_length, _ready_status)
-    walk, names_statements = _scan.walk, _scan.names_statements
+    walk, whole, names_statements = _scan.walk, _scan.whole, _scan.names_statements
     COMPILED = True
 
 
@@ -252,8 +261,7 @@ class MessageReader:
         them (no copy, nothing kept); otherwise None, and the caller feeds ``data``."""
         if self._pos != len(self._buf):
             return None
-        length, types, last, status = walk(data, 0, self._limit, stop)
-        return (types, last, status) if length == len(data) else None
+        return whole(data, self._limit, stop)
 
     def take(self, size: int) -> bytes | memoryview:
         """Remove ``size`` bytes from the front and return them, immutable.
