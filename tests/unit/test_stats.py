@@ -81,6 +81,7 @@ def test_histogram_uses_the_compiled_base() -> None:
 
 durations = st.one_of(
     st.floats(min_value=-1.0, max_value=1e7, allow_nan=False),  # past the last bucket too
+    st.floats(min_value=1e7, max_value=1e300),  # past what a 64-bit count of us holds
     st.floats(min_value=0.0, max_value=1e-5),  # the first, linear buckets
     st.integers(min_value=0, max_value=2**40).map(lambda us: us / 1e6),  # bucket edges
 )
@@ -95,3 +96,14 @@ def test_compiled_record_matches_python(samples: list[float]) -> None:
         reference.record(s)
     assert list(ours.buckets) == list(reference.buckets)
     assert (ours.count, ours.sum, ours.max) == (reference.count, reference.sum, reference.max)
+
+
+def test_compiled_record_of_huge_durations_matches_python() -> None:
+    """Beyond what a 64-bit count of microseconds holds (~9.2e12 s), too."""
+    samples = [1e6, 1e12, 9.3e12, 5e14, 1e15, 1e20, 1e300]
+    ours, reference = _compiled_base()(), PyHistogramBase()
+    for s in samples:
+        ours.record(s)
+        reference.record(s)
+    assert list(ours.buckets) == list(reference.buckets)
+    assert ours.buckets[-1] == len(samples)

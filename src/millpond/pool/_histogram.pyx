@@ -43,7 +43,9 @@ cdef class HistogramBase:
         self.sum += seconds
         if seconds > self.max:
             self.max = seconds
-        if not (seconds < 1e15):  # past the last bucket (or not a number): the last one
+        # Past the last bucket (2**36 us), or too large for a long long, or not a number:
+        # the last bucket, as the Python version's arithmetic ends up there too.
+        if not (seconds < 1e12):
             self._view[NBUCKETS - 1] += 1
             return
         us = <long long>(seconds * 1000000.0)  # truncates toward zero, as int() does
