@@ -1,6 +1,7 @@
 """Clients waiting for a server connection (more clients than the pool holds).
 
-A waiting client is still read: what it sends meanwhile is kept, in order, behind what
+Waiting clients get the server connection first come, first served. A waiting client is
+still read: what it sends meanwhile is kept, in order, behind what
 it sent first (up to 256 KB, then reading stops until a server is linked), and a client
 that leaves while it waits is noticed at once.
 """
@@ -143,6 +144,33 @@ def test_a_client_leaving_while_it_waits_is_noticed_at_once(proxy_factory: Proxy
             assert await holder.fetchval("SELECT 42") == 42
         finally:
             await admin.close()
+            await holder.close()
+
+    run(main())
+
+
+def test_waiting_clients_are_served_first_come_first_served(proxy_factory: ProxyFactory) -> None:
+    """One server connection, five clients queued one after another: each is handed the
+    server in the order it asked (a sequence numbers the order the server saw)."""
+    proxy = proxy_factory(default_pool_size="1")
+
+    async def main() -> None:
+        setup = await asyncpg.connect(proxy.url())
+        await setup.execute("DROP SEQUENCE IF EXISTS served; CREATE SEQUENCE served")
+        await setup.close()
+        holder = await _hold_the_only_server(proxy)
+        clients = [await RawClient.connect(proxy) for _ in range(5)]
+        try:
+            for client in clients:
+                client.send(m.query("SELECT nextval('served')"))
+                await asyncio.sleep(0.05)  # queued one after the other
+            await holder.execute("COMMIT")
+            served = [int(_values(await c.until_ready())[0] or b"0") for c in clients]
+            assert served == sorted(served), f"served out of order: {served}"
+            assert served == list(range(served[0], served[0] + 5))
+        finally:
+            for client in clients:
+                client.close()
             await holder.close()
 
     run(main())
