@@ -1,9 +1,9 @@
 """Clients waiting for a server connection (more clients than the pool holds).
 
 Waiting clients get the server connection first come, first served. A waiting client is
-still read: what it sends meanwhile is kept, in order, behind what
-it sent first (up to 256 KB, then reading stops until a server is linked), and a client
-that leaves while it waits is noticed at once.
+still read: what it sends meanwhile is kept, in order, behind what it sent first (up to
+256 KB, then reading stops until a server is linked), and a client that leaves while it
+waits is noticed at once.
 """
 
 from __future__ import annotations
