@@ -221,16 +221,8 @@ class PoolCore:
             future = waiter.future
             if future.done():
                 continue
-            if slot.state is _IN_USE:  # released and lent again at once: _lend, inlined
-                slot.acquired_at = now
-                slot.uses += 1
-                slot.leak_reported = False
-                counters = self.counters
-                counters.acquires += 1
-            else:
-                self._lend(slot, now)
-                counters = self.counters
-            counters.wait_time.record(now - waiter.since)
+            self._lend(slot, now)
+            self.counters.wait_time.record(now - waiter.since)
             future.set_result(slot)
             return
         slot.move(_IDLE)

@@ -271,11 +271,7 @@ class ClientConnection(asyncio.Protocol):
         """
         self.state = _WAITING
         self._held = held
-        try:
-            handle = pool.wait(self, self.request_time)  # the hand-off calls set_result
-        except PoolClosed:
-            self.fail("08P01", "pooler is shutting down")
-            return
+        handle = pool.wait(self, self.request_time)  # the hand-off calls set_result
         if self.state is _WAITING:
             self._wait = handle
 

@@ -72,9 +72,8 @@ cdef tuple _walk(const unsigned char* buf, Py_ssize_t end, Py_ssize_t start,
     return (pos - start, types, last - start, status)
 
 
-def walk(object buf, Py_ssize_t start, Py_ssize_t limit, bytes stop):
-    """``(length, types, last_offset, ready_status)`` of the complete messages of
-    ``buf`` from ``start``: codec._walk, compiled."""
+cdef tuple _walk_object(object buf, Py_ssize_t start, Py_ssize_t limit, bytes stop):
+    """_walk over any buffer: bytes directly, anything else through the buffer protocol."""
     cdef Py_buffer view
     if type(buf) is bytes:
         return _walk(<const unsigned char*>PyBytes_AS_STRING(buf), PyBytes_GET_SIZE(buf),
@@ -88,25 +87,17 @@ def walk(object buf, Py_ssize_t start, Py_ssize_t limit, bytes stop):
         PyBuffer_Release(&view)
 
 
+def walk(object buf, Py_ssize_t start, Py_ssize_t limit, bytes stop):
+    """``(length, types, last_offset, ready_status)`` of the complete messages of
+    ``buf`` from ``start``: codec._walk, compiled."""
+    return _walk_object(buf, start, limit, stop)
+
+
 def whole(object data, Py_ssize_t limit, bytes stop):
     """``(types, last_offset, ready_status)`` if the walk of ``data`` from 0 covers all
     of it (whole messages), else None: codec._whole, compiled."""
-    cdef Py_buffer view
-    cdef tuple found
-    cdef Py_ssize_t size
-    if type(data) is bytes:
-        size = PyBytes_GET_SIZE(data)
-        found = _walk(<const unsigned char*>PyBytes_AS_STRING(data), size, 0, limit,
-                      <const unsigned char*>PyBytes_AS_STRING(stop), PyBytes_GET_SIZE(stop))
-    else:
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        size = view.len
-        try:
-            found = _walk(<const unsigned char*>view.buf, size, 0, limit,
-                          <const unsigned char*>PyBytes_AS_STRING(stop), PyBytes_GET_SIZE(stop))
-        finally:
-            PyBuffer_Release(&view)
-    if <Py_ssize_t>found[0] != size:
+    cdef tuple found = _walk_object(data, 0, limit, stop)
+    if <Py_ssize_t>found[0] != len(data):
         return None
     return (found[1], found[2], found[3])
 
