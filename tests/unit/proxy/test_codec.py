@@ -353,6 +353,30 @@ def test_startup_byte_by_byte_then_rest_goes_to_the_message_reader() -> None:
     assert reader.buffered == 0
 
 
+def test_a_repeated_startup_packet_is_decoded_once_and_checked_every_time() -> None:
+    packet = m.startup_message({"user": "carol", "database": "app"})
+    first = StartupReader().read(packet)
+    again = StartupReader().read(bytes(bytearray(packet)))  # equal bytes, another object
+    assert isinstance(first, StartupMessage)
+    assert first.user == "carol"
+    assert again is first  # remembered by its bytes
+    with pytest.raises(TypeError):
+        first.params["user"] = "mallory"  # type: ignore[index]  # shared, so immutable
+    # the length limit is the reader's own, also for a packet another reader decoded
+    with pytest.raises(ProtocolError, match="over the limit"):
+        StartupReader(max_packet_length=len(packet) - 1).read(packet)
+    # a packet that failed is not remembered: it fails again
+    body = struct.pack("!I", m.PROTOCOL_VERSION) + b"database\0app\0\0"
+    no_user = struct.pack("!I", len(body) + 4) + body
+    for _ in range(2):
+        with pytest.raises(ProtocolError, match="names no user"):
+            StartupReader().read(no_user)
+    # a packet with bytes after it (pipelined) is decoded as before
+    reader = StartupReader()
+    assert reader.read(packet + m.query("SELECT 1")) == first
+    assert reader.take_rest() == m.query("SELECT 1")
+
+
 def test_startup_message_properties() -> None:
     packet = decode_startup_packet(
         m.startup_message({"user": "u", "_pq_.x": "1"}, protocol=m.PROTOCOL_VERSION_3_2)[4:]

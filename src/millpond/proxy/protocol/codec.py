@@ -443,6 +443,11 @@ def decode_startup_packet(body: Payload) -> StartupPacket:
     return _startup_message(code, data[4:])
 
 
+#: Recently decoded StartupMessages by their whole packet (see StartupReader.read).
+_STARTUPS: dict[bytes, StartupMessage] = {}
+_STARTUPS_KEPT = 256
+
+
 class StartupReader:
     """Frames the untyped first packet(s) of a client connection.
 
@@ -475,11 +480,24 @@ class StartupReader:
 
     def read(self, data: Payload) -> StartupPacket | None:
         """:meth:`feed` then :meth:`next_packet`, without buffering when ``data`` is
-        exactly one packet and nothing waits before it (how clients send them)."""
+        exactly one packet and nothing waits before it (how clients send them).
+
+        A StartupMessage read this way is remembered by its bytes (it is immutable):
+        an application's connections send the same packet every time, and a client
+        that connects for each transaction (``pgbench -C``) would decode it each time.
+        """
         if not self._buf and len(data) >= 8:
+            known = _STARTUPS.get(data) if type(data) is bytes else None
+            if known is not None and len(data) <= self._limit:
+                return known
             length = _LENGTH.unpack_from(data)[0]
             if length == len(data) and length <= self._limit:
-                return decode_startup_packet(data[4:])
+                packet = decode_startup_packet(data[4:])
+                if type(packet) is StartupMessage and type(data) is bytes:
+                    if len(_STARTUPS) >= _STARTUPS_KEPT:
+                        _STARTUPS.clear()
+                    _STARTUPS[data] = packet
+                return packet
         self.feed(data)
         return self.next_packet()
 
