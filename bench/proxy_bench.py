@@ -352,6 +352,8 @@ class Result:
     round: int = 0
     proxy_cpu_pct: float = float("nan")  # the pooler's CPU time / the run's wall time
     proxy_us_per_txn: float = float("nan")  # the pooler's CPU time per transaction
+    pgbench_us_per_txn: float = float("nan")  # pgbench's CPU time per transaction
+    postgres_us_per_txn: float = float("nan")  # PostgreSQL's (every process's) per txn
 
 
 def cpu_seconds(pid: int) -> float:
@@ -362,6 +364,34 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat.rsplit(")", 1)[1].split()
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and of all its children, live or exited: for PostgreSQL, the
+    postmaster and every process it forked (an exited backend's time is in the
+    postmaster's cutime/cstime once reaped)."""
+    fields = _stat_fields(pid)
+    if not fields:
+        return float("nan")
+    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            child = _stat_fields(entry.name)
+            if child and child[1] == str(pid):  # ppid
+                ticks += int(child[11]) + int(child[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postmaster_pid(data_dir: Path) -> int:
+    return int((data_dir / "postmaster.pid").read_text().split()[0])
 
 
 def pgbench_env() -> dict[str, str]:
@@ -408,6 +438,7 @@ def run_pgbench(
         script.write_text(case.script)
         argv += ["-f", str(script)]
     argv.append(DBNAME)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         done = subprocess.run(
             argv,
@@ -420,6 +451,8 @@ def run_pgbench(
     except subprocess.TimeoutExpired:
         p99_from_logs(prefix)
         return Result(error="pgbench timed out")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # pgbench is the one child waited
+    used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     p99, count = p99_from_logs(prefix)
     out = done.stdout + done.stderr
     tps = re.search(r"^tps = ([\d.]+)", out, re.M)
@@ -432,6 +465,7 @@ def run_pgbench(
         latency_ms=float(latency.group(1)) if latency else float("nan"),
         p99_ms=p99,
         transactions=count,
+        pgbench_us_per_txn=1e6 * used / count if count else float("nan"),
     )
 
 
@@ -452,12 +486,12 @@ class Row:
         return median([r.tps for r in self.ok()])
 
     def summary(self) -> list[str]:
-        """case, target, TPS, avg ms, p99 ms, spread, proxy CPU, note."""
+        """case, target, TPS, avg ms, p99 ms, spread, proxy CPU, all CPU, note."""
         good = self.ok()
         if not good:
             errors = [r.error for r in self.runs if r.error]
             status = self.status or f"FAILED: {errors[0] if errors else '?'}"
-            return [self.case, self.target, "-", "-", "-", "-", "-", status]
+            return [self.case, self.target, "-", "-", "-", "-", "-", "-", status]
         errors = [r.error for r in self.runs if r.error]
         note = f"{len(errors)} of {len(self.runs)} runs failed: {errors[0]}" if errors else ""
         return [
@@ -468,6 +502,7 @@ class Row:
             f"{median([r.p99_ms for r in good]):.3f}",
             f"{spread([r.tps for r in good]) * 100:.0f}%" if len(good) > 1 else "",
             _cpu_cell(good),
+            _all_cpu_cell(good),
             note,
         ]
 
@@ -479,12 +514,25 @@ def _cpu_cell(runs: list[Result]) -> str:
     return f"{pct:.0f}% {median([r.proxy_us_per_txn for r in runs]):.0f}us/txn"
 
 
+def _all_cpu_cell(runs: list[Result]) -> str:
+    """CPU per transaction of everything that works for it: PostgreSQL + pgbench + the
+    pooler = the total (the machine's cores are the limit when all are busy)."""
+    pg = median([r.postgres_us_per_txn for r in runs])
+    bench = median([r.pgbench_us_per_txn for r in runs])
+    pooler = median([r.proxy_us_per_txn for r in runs])
+    if pg != pg or bench != bench:
+        return ""
+    total = pg + bench + (pooler if pooler == pooler else 0.0)
+    return f"{pg:.0f}+{bench:.0f}{f'+{pooler:.0f}' if pooler == pooler else ''}={total:.0f}us"
+
+
 @dataclass
 class Targets:
     """Where each target listens, and the proxies (or why a target is not available)."""
 
     bin_dir: Path
     ports: dict[str, int]
+    postmaster: int = 0  # PostgreSQL's pid: its CPU time (all processes) per transaction
     proxies: dict[str, Proxy] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
 
@@ -505,8 +553,12 @@ class Targets:
         """pgbench ``case`` against ``target``, with the pooler's CPU use."""
         proxy = self.proxies.get(target)
         cpu = cpu_seconds(proxy.pid) if proxy else float("nan")
+        pg_cpu = tree_cpu_seconds(self.postmaster) if self.postmaster else float("nan")
         started = time.monotonic()
         result = run_pgbench(self.bin_dir, self.ports[target], case, duration, scratch)
+        if self.postmaster and result.transactions:
+            pg_used = tree_cpu_seconds(self.postmaster) - pg_cpu
+            result.postgres_us_per_txn = 1e6 * pg_used / result.transactions
         if proxy is not None and proxy.alive():
             used = cpu_seconds(proxy.pid) - cpu
             result.proxy_cpu_pct = 100 * used / (time.monotonic() - started)
@@ -646,7 +698,8 @@ def report(
     info: dict[str, Any],
     baseline_rows: list[dict[str, Any]] | None = None,
 ) -> str:
-    headers = ["case", "target", "TPS", "avg ms", "p99 ms", "spread", "pooler CPU", "note"]
+    headers = ["case", "target", "TPS", "avg ms", "p99 ms", "spread", "pooler CPU"]
+    headers += ["CPU/txn pg+bench+pooler", "note"]
     body = [row.summary() for row in rows]
     lines = [
         f"date: {info['date']}; {info['cpus']} CPUs; {info['platform']}; Python {info['python']}",
@@ -705,7 +758,7 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     )
     prepare_cluster(pg, args.scale)
     scratch = stack.enter_context(work_dir("millpond-proxybench-"))
-    targets = Targets(pg.bin_dir, {"direct": pg.port})
+    targets = Targets(pg.bin_dir, {"direct": pg.port}, postmaster_pid(pg.data_dir))
     extra = {}
     if pgbouncer and pgbouncer_version_tuple(pgbouncer_version) >= (1, 21):
         extra["max_prepared_statements"] = "200"
