@@ -371,6 +371,10 @@ def test_a_repeated_startup_packet_is_decoded_once_and_checked_every_time() -> N
     for _ in range(2):
         with pytest.raises(ProtocolError, match="names no user"):
             StartupReader().read(no_user)
+    # SSLRequest too, but never a CancelRequest (each carries its own key)
+    assert StartupReader().read(m.ssl_request()) is StartupReader().read(m.ssl_request())
+    cancel = m.cancel_request(1234, 5678)
+    assert StartupReader().read(cancel) is not StartupReader().read(cancel)
     # a packet with bytes after it (pipelined) is decoded as before
     reader = StartupReader()
     assert reader.read(packet + m.query("SELECT 1")) == first

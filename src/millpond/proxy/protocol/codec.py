@@ -443,8 +443,8 @@ def decode_startup_packet(body: Payload) -> StartupPacket:
     return _startup_message(code, data[4:])
 
 
-#: Recently decoded StartupMessages by their whole packet (see StartupReader.read).
-_STARTUPS: dict[bytes, StartupMessage] = {}
+#: Recently decoded startup packets by their bytes (see StartupReader.read).
+_STARTUPS: dict[bytes, StartupPacket] = {}
 _STARTUPS_KEPT = 256
 
 
@@ -482,9 +482,10 @@ class StartupReader:
         """:meth:`feed` then :meth:`next_packet`, without buffering when ``data`` is
         exactly one packet and nothing waits before it (how clients send them).
 
-        A StartupMessage read this way is remembered by its bytes (it is immutable):
-        an application's connections send the same packet every time, and a client
-        that connects for each transaction (``pgbench -C``) would decode it each time.
+        A packet read this way is remembered by its bytes (the packets are immutable),
+        CancelRequests excepted (each is one of a kind): an application's connections
+        send the same SSLRequest and StartupMessage every time, and a client that
+        connects for each transaction (``pgbench -C``) would decode them each time.
         """
         if not self._buf and len(data) >= 8:
             known = _STARTUPS.get(data) if type(data) is bytes else None
@@ -493,7 +494,7 @@ class StartupReader:
             length = _LENGTH.unpack_from(data)[0]
             if length == len(data) and length <= self._limit:
                 packet = decode_startup_packet(data[4:])
-                if type(packet) is StartupMessage and type(data) is bytes:
+                if type(packet) is not CancelRequest and type(data) is bytes:
                     if len(_STARTUPS) >= _STARTUPS_KEPT:
                         _STARTUPS.clear()
                     _STARTUPS[data] = packet
