@@ -356,22 +356,21 @@ class Result:
     postgres_us_per_txn: float = float("nan")  # PostgreSQL's (every process's) per txn
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` and its threads so far."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return float("nan")
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _stat_fields(pid: int | str) -> list[str]:
+    """``/proc/PID/stat`` after the command name (field 3 on), or [] if it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return []
     return stat.rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its threads so far."""
+    fields = _stat_fields(pid)
+    if not fields:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_seconds(pid: int) -> float:
