@@ -1,6 +1,6 @@
 """The proxy's own Python cost per transaction, without sockets.
 
-Run:  python bench/proxy_hotpath.py [--transactions N] [--rounds R] [--profile]
+Run:  python bench/proxy_hotpath.py [--transactions N] [--rounds R] [--profile | --bytecodes]
 
 pgbench through the proxy measures everything at once: the kernel's TCP work (the same
 for any pooler), PostgreSQL, pgbench, and the proxy's Python code. This isolates the
@@ -38,10 +38,14 @@ import cProfile
 import pstats
 import statistics
 import struct
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import millpond
 from millpond.proxy.backend import ServerConnection, ServerState
 from millpond.proxy.config import config_from_args
 from millpond.proxy.frontend import ClientConnection, ClientState
@@ -279,13 +283,64 @@ def login_case(n: int) -> Callable[[], float]:
     return logins
 
 
+def count_bytecodes(case: Callable[[], float], n: int) -> tuple[float, float]:
+    """Bytecodes executed and Python calls made in millpond's own code per transaction
+    (``n`` per call of ``case``), with ``sys.settrace`` opcode events: unlike time, the
+    count does not depend on the machine or its load, so it compares two versions of the
+    code exactly (compiled helpers count as the one call that runs them)."""
+    package = str(Path(millpond.__file__).parent)
+    ops = calls = 0
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal ops, calls
+        if not frame.f_code.co_filename.startswith(package):
+            return None  # the driver, the fake transports, asyncio: not ours
+        if event == "call":
+            calls += 1
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            ops += 1
+        return tracer
+
+    case()  # warm up (first-call work is not per transaction)
+    sys.settrace(tracer)
+    try:
+        case()
+    finally:
+        sys.settrace(None)
+    return ops / n, calls / n
+
+
+def bytecodes() -> None:
+    """--bytecodes: the count per transaction for the warm cases."""
+    n = 200
+    cases = {
+        "simple": run_case("simple", 1, 1, m.query(SQL), select_response(), n),
+        "simple released": run_case(
+            "simple", 1, 1, m.query(SQL), select_response(), n, affinity=False
+        ),
+        "queued": run_case("queued", 2, 1, m.query(SQL), select_response(), n),
+        "extended": run_case("extended", 1, 1, extended_request(), extended_response(), n),
+        "login": login_case(n),
+    }
+    for name, case in cases.items():
+        ops, calls = count_bytecodes(case, n)
+        print(f"{name:15s} {ops:6.0f} bytecodes, {calls:5.1f} Python calls per transaction")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transactions", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="cProfile one round of each")
+    parser.add_argument(
+        "--bytecodes", action="store_true", help="count bytecodes per transaction instead"
+    )
     args = parser.parse_args()
     asyncio.set_event_loop(asyncio.new_event_loop())
+    if args.bytecodes:
+        bytecodes()
+        return
     n = args.transactions
     cases = {
         "simple": run_case("simple", 1, 1, m.query(SQL), select_response(), args.transactions),
