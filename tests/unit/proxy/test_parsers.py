@@ -58,6 +58,12 @@ def test_backend_key_data_round_trip() -> None:
     assert decoded.key == 0xCAFEBABE
     long_key = p.decode_backend_key_data(payload(m.backend_key_data(7, bytes(range(32)))))
     assert long_key.secret == bytes(range(32))
+    # a 4-byte key given as bytes (the proxy's own): the same message as the int
+    assert m.backend_key_data(99, struct.pack("!I", 0xCAFEBABE)) == m.backend_key_data(
+        99, 0xCAFEBABE
+    )
+    short = p.decode_backend_key_data(payload(m.backend_key_data(-5, b"\x00\x01\x02\x03")))
+    assert short == p.BackendKeyData(-5, b"\x00\x01\x02\x03")
 
 
 @pytest.mark.parametrize("status", [b"I", b"T", b"E"])

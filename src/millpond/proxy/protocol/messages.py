@@ -215,7 +215,12 @@ def parameter_status(name: str, value: str) -> bytes:
 
 def backend_key_data(pid: int, key: int | bytes) -> bytes:
     """BackendKeyData: the process id and secret a client uses to cancel a query."""
+    if type(key) is bytes and len(key) == 4:  # the proxy's own, at every login
+        return _KEY_DATA_4 + _I32.pack(pid) + key
     return frame(BACKEND_KEY_DATA, _I32.pack(pid) + _cancel_secret(key))
+
+
+_KEY_DATA_4 = BACKEND_KEY_DATA + _I32.pack(12)  # the header of a 4-byte key's message
 
 
 @functools.lru_cache(maxsize=8)
