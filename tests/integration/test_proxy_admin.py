@@ -456,6 +456,39 @@ def test_pause_one_database_and_errors(pg_cluster: PostgresCluster) -> None:
     run(main())
 
 
+def test_parked_clients_that_leave_are_forgotten_and_resume_serves_the_rest(
+    pg_cluster: PostgresCluster,
+) -> None:
+    async def main() -> None:
+        async with running_proxy(pg_cluster) as proxy:
+            admin = await console(proxy)
+            conns = [await client(proxy) for _ in range(3)]
+            assert (await admin.execute("PAUSE postgres")).statusmessage == "PAUSE"
+            queries = [
+                asyncio.ensure_future(conn.fetchval(f"SELECT {i}")) for i, conn in enumerate(conns)
+            ]
+            assert await not_done_after(asyncio.gather(*queries))
+            # in arrival order (RESUME serves them so)
+            assert list(proxy.parked) == sorted(proxy.parked, key=lambda c: c.request_time)
+            assert len(proxy.parked) == 3
+            conns[1].terminate()  # leaves while parked
+            with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+                await queries[1]
+            for _ in range(100):
+                if len(proxy.parked) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(proxy.parked) == 2  # the one that left is not kept, nor resumed
+            await admin.execute("RESUME postgres")
+            assert await asyncio.wait_for(asyncio.gather(queries[0], queries[2]), 10) == [0, 2]
+            assert not proxy.parked
+            for conn in (conns[0], conns[2]):
+                await conn.close()
+            await admin.close()
+
+    run(main())
+
+
 def test_disable_refuses_new_logins_and_enable_lets_them_in(pg_cluster: PostgresCluster) -> None:
     async def main() -> None:
         async with running_proxy(pg_cluster) as proxy:

@@ -116,7 +116,7 @@ def resume_databases(proxy: Proxy, database: str | None) -> None:
         pool.paused = proxy.paused or pool.database in paused
     for client in list(proxy.parked):
         if client.pool is not None and not client.pool.paused:
-            proxy.parked.remove(client)
+            del proxy.parked[client]
             client.resume_from_pause()
 
 

@@ -57,7 +57,9 @@ class Proxy:
         self.pools: dict[tuple[str, str], ServerPool] = {}
         self.clients: set[ClientConnection] = set()
         self.by_key: dict[tuple[int, bytes], ClientConnection] = {}
-        self.parked: list[ClientConnection] = []
+        #: clients that asked for a server while their pool was paused, in arrival order
+        #: (a dict: parking, leaving and resuming 10,000 of them stay O(1) each)
+        self.parked: dict[ClientConnection, None] = {}
         self.janitor = Janitor("proxy", self._sweep, 0.5)
         self.login_stats = LoginStats()
         self.servers: list[asyncio.AbstractServer] = []
@@ -219,8 +221,7 @@ class Proxy:
     def client_closed(self, client: ClientConnection) -> None:
         self.clients.discard(client)
         self.by_key.pop((client.pid, client.key), None)
-        if client in self.parked:
-            self.parked.remove(client)
+        self.parked.pop(client, None)
         if self.config.settings.log_disconnections and client.user:
             log.info("closing: %s@%s from %s", client.user, client.database, client.addr)
 
@@ -327,8 +328,7 @@ class Proxy:
             log.warning("login failed: %s@%s from %s", client.user, client.database, client.addr)
 
     def park(self, client: ClientConnection) -> None:
-        if client not in self.parked:
-            self.parked.append(client)
+        self.parked.setdefault(client, None)
 
     def negotiate_tls(self, client: ClientConnection, ssl: bool) -> None:
         negotiate_client_tls(self, client, ssl)
@@ -481,7 +481,7 @@ class Proxy:
         self.paused = False
         for pool in self.pools.values():
             pool.paused = False
-        parked, self.parked = self.parked, []
+        parked, self.parked = self.parked, {}
         for client in parked:
             client.resume_from_pause()
 
