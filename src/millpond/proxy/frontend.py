@@ -422,7 +422,8 @@ class ClientConnection(asyncio.Protocol):
         owed = server.outstanding
         if not owed:
             self.busy_since = now or monotonic()
-        if types == b"Q":  # one simple query: the common case
+        simple = types == b"Q"
+        if simple:  # one simple query: the common case
             server.outstanding = owed + 1
             self.unsynced = False
         else:
@@ -432,7 +433,11 @@ class ClientConnection(asyncio.Protocol):
         if pool.rewrites and (
             hinted  # DISCARD ALL / DEALLOCATE ALL drop the server's statements
             or server.statements.pending
-            or (_has_extended(types) and (self.unsynced or names_statements(bytes(data))))
+            or (
+                not simple
+                and _has_extended(types)
+                and (self.unsynced or names_statements(bytes(data)))
+            )
         ):
             self._forward_rewritten(server, bytes(data), owed)
         else:
