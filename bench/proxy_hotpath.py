@@ -169,8 +169,8 @@ def run_case(
     (``prelude``: a request and its answer exchanged once first, e.g. a Parse)."""
     loop = asyncio.get_event_loop()
     _proxy, conns, pool = loop.run_until_complete(setup(clients, servers, affinity))
-    server_conns = [s.conn for s in pool._core.slots.values()]  # type: ignore[attr-defined]
-    server = server_conns[0]
+    server_conns = [s.conn for s in pool._core.slots.values()]
+    server: ServerConnection = server_conns[0]
     if prelude is not None:
         for client in conns:
             client.data_received(prelude[0])
@@ -260,7 +260,7 @@ def login_case(n: int) -> Callable[[], float]:
     """pgbench -C: a new client per transaction (SSLRequest refused, trust login,
     one query, Terminate, gone), warm. Microseconds per connection."""
     proxy, _conns, pool = asyncio.get_event_loop().run_until_complete(setup(0, 1))
-    server = next(iter(pool._core.slots.values())).conn  # type: ignore[attr-defined]
+    server: ServerConnection = next(iter(pool._core.slots.values())).conn
     startup = m.startup_message({"user": "bench", "database": "bench"})
     request, response, bye = m.query(SQL), select_response(), m.terminate()
 
