@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import sys
@@ -236,7 +237,7 @@ def main() -> None:
     results = run_uvloop(lambda: bench(repeats, args.warmup, duration))
     text, rows = summarize(results)
     print(text)
-    costs = {n: run_uvloop(lambda n=n: scrape_cost(n)) for n in (1, 10)}
+    costs = {n: run_uvloop(functools.partial(scrape_cost, n)) for n in (1, 10)}
     print("\nOne scrape, CPU time measured directly (at one scrape a second, X us is X/10,000 "
           "% of a CPU-second):")  # fmt: skip
     print(table(["what", "1 pool", "10 pools"],

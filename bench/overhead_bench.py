@@ -135,7 +135,7 @@ class FakePsycopgConnection(psycopg.AsyncConnection[Any]):
     """A real psycopg.AsyncConnection over a fake, always-idle libpq connection."""
 
     @classmethod
-    async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:  # type: ignore[override]
+    async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
         conn = cls(_FakePGconn())  # type: ignore[arg-type]
         conn._autocommit = bool(kwargs.get("autocommit", False))
         return conn
