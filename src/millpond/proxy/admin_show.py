@@ -391,7 +391,7 @@ def _client_counts(proxy: Proxy) -> dict[tuple[str, str], list[int]]:
 
 def _oldest_wait(pool: ServerPool, now: float) -> float:
     for waiter in pool._core.waiters:
-        if not waiter.future.done():
+        if waiter.queued and not waiter.future.done():
             return max(0.0, now - waiter.since)
     return 0.0
 

@@ -170,7 +170,7 @@ class ServerPool(Pool):
         """reserve_pool_size: a client waited past reserve_pool_timeout, so allow more."""
         if not self.reserve or self.config.max_size > self.base_size:
             return
-        oldest = min((w.since for w in self._core.waiters), default=now)
+        oldest = min((w.since for w in self._core.waiters if w.queued), default=now)
         if now - oldest < self.reserve_timeout:
             return
         self._resize(self.base_size + self.reserve)
