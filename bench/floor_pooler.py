@@ -14,6 +14,11 @@ what any pooler written in Python on uvloop spends at the least, the event loop'
 the kernel's share, with none of millpond's work. proxy_bench.py runs it as the target
 ``floor`` beside PgBouncer and millpond proxy, so a run shows how much of the distance to
 PgBouncer is the language and how much is millpond's own code.
+
+``--compiled`` runs the same pooler with its data path in C (bench/floor_relay.pyx, built
+on first use with Cython's pyximport): logins the same, then one epoll set registered
+with uvloop, one Python call per wake-up, a recv() and a send() in C per read. It is the
+target ``cfloor``: what a compiled data path inside a Python process could reach.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
+import os
 import signal
+import socket
 import struct
 import sys
 from collections import deque
-from typing import cast
+from pathlib import Path
+from typing import Any, cast
 
 SSL_REQUEST = struct.pack("!II", 8, 80877103)
 TERMINATE = b"X\x00\x00\x00\x04"
@@ -115,21 +124,71 @@ class Floor:
         self.free.append(server)
 
 
+def startup_packet() -> bytes:
+    body = b"\x00\x03\x00\x00user\x00postgres\x00database\x00bench\x00\x00"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def check_welcome(welcome: bytes) -> None:
+    if welcome[:1] != b"R" or welcome[5:9] != b"\x00\x00\x00\x00":
+        raise SystemExit(f"floor: the server wants a password or failed: {welcome!r}")
+
+
 async def serve(pg_port: int, port: int, pool_size: int) -> None:
     loop = asyncio.get_running_loop()
     pool = Floor()
-    body = b"\x00\x03\x00\x00user\x00postgres\x00database\x00bench\x00\x00"
-    startup = struct.pack("!I", len(body) + 4) + body
+    startup = startup_packet()
     for _ in range(pool_size):
         _, server = await loop.create_connection(lambda: Server(pool), "127.0.0.1", pg_port)
         server.transport.write(startup)
         pool.welcome = await server.login
-        if pool.welcome[:1] != b"R" or pool.welcome[5:9] != b"\x00\x00\x00\x00":
-            raise SystemExit(f"floor: the server wants a password or failed: {pool.welcome!r}")
+        check_welcome(pool.welcome)
         pool.free.append(server)
     listener = await loop.create_server(lambda: Client(pool), "127.0.0.1", port, backlog=4096)
     print(f"floor pooler listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
     await listener.serve_forever()
+
+
+def build_relay() -> Any:
+    """bench/floor_relay.pyx, compiled on first use (cached under ~/.cache)."""
+    try:
+        pyximport = importlib.import_module("pyximport")
+    except ImportError:
+        raise SystemExit("floor --compiled needs Cython: pip install Cython") from None
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "millpond-bench"
+    pyximport.install(build_dir=str(cache), language_level=3)
+    sys.path.insert(0, str(Path(__file__).parent))
+    return importlib.import_module("floor_relay")
+
+
+def log_in(pg_port: int) -> tuple[socket.socket, bytes]:
+    """One server connection, logged in with blocking calls; what it got, to ReadyForQuery."""
+    sock = socket.create_connection(("127.0.0.1", pg_port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(startup_packet())
+    welcome = b""
+    while welcome[-6:-5] != b"Z":
+        data = sock.recv(65536)
+        if not data:
+            raise SystemExit(f"floor: the server closed during login: {welcome!r}")
+        welcome += data
+    check_welcome(welcome)
+    sock.setblocking(False)
+    return sock, welcome
+
+
+def serve_compiled(pg_port: int, port: int, pool_size: int) -> None:
+    import uvloop
+
+    relay_module = build_relay()
+    logins = [log_in(pg_port) for _ in range(pool_size)]
+    listener = socket.create_server(("127.0.0.1", port), backlog=4096)
+    listener.setblocking(False)
+    relay = relay_module.Relay(listener.fileno(), logins[0][1], [s.fileno() for s, _ in logins])
+    loop = uvloop.new_event_loop()
+    loop.add_reader(relay.fileno, relay.on_ready)
+    print(f"compiled floor pooler listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    loop.run_forever()
 
 
 def main() -> None:
@@ -138,11 +197,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ports", help="PG_PORT:PORT")
     parser.add_argument("--pool-size", type=int, default=20)
+    parser.add_argument("--compiled", action="store_true", help="the data path in C")
     args = parser.parse_args()
     pg_port, port = (int(p) for p in args.ports.split(":"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(pg_port, port, args.pool_size))
+        if args.compiled:
+            serve_compiled(pg_port, port, args.pool_size)
+        else:
+            uvloop.run(serve(pg_port, port, args.pool_size))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ written to a temporary directory and deleted). See docs/proxy-benchmarks.md.
 If ``millpond proxy`` cannot start (e.g. it is not written yet), its rows say
 "not available" and the rest still runs. ``--only ...,floor`` adds a reference target:
 bench/floor_pooler.py, the least a transaction pooler in Python on uvloop can do (no
-checks, no parsing, same pool size), i.e. the floor under any Python proxy's numbers.
+checks, no parsing, same pool size), i.e. the floor under any Python proxy's numbers;
+``cfloor`` the same pooler with its data path compiled (``floor_pooler.py --compiled``,
+needs Cython), what a compiled data path inside a Python process can reach.
 ``--baseline DIR`` adds another: millpond run from another checkout's ``DIR/src`` (e.g.
 ``git worktree add /tmp/base HEAD~3``), in the same interleaved rounds, to measure a
 change against the code before it; a second ratio table then gives millpond/baseline.
@@ -55,7 +57,9 @@ TARGETS = ("direct", "pgbouncer", "millpond")
 #: ``floor`` (only with --only): bench/floor_pooler.py, a transaction pooler in Python that
 #: does nothing it can skip: the floor of what a Python pooler costs, for comparison
 #: ``baseline`` (only with --baseline DIR): millpond from another checkout, for A/B runs
-ALL_TARGETS = (*TARGETS, "floor", "baseline")
+#: ``cfloor`` (only with --only): the same with its data path in C (floor_pooler.py
+#: --compiled, bench/floor_relay.pyx; needs Cython): what a compiled data path could reach
+ALL_TARGETS = (*TARGETS, "floor", "cfloor", "baseline")
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -78,7 +82,7 @@ CASES = (
         "S c=1000",
         1000,
         ("-S",),
-        targets=("pgbouncer", "millpond", "floor", "baseline"),
+        targets=("pgbouncer", "millpond", "floor", "cfloor", "baseline"),
         note="1000 server processes are what a pooler avoids",
     ),
     Case("S -C c=20", 20, ("-S", "-C"), targets=ALL_TARGETS),
@@ -782,16 +786,19 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         else:
             targets.unavailable[name] = f"not available ({proxy.error})"
             print(f"{name}: {targets.unavailable[name]}", file=sys.stderr)
-    if "floor" in args.targets:
-        port = targets.ports["floor"] = free_port()
+    for name in ("floor", "cfloor"):
+        if name not in args.targets:
+            continue
+        port = targets.ports[name] = free_port()
         command = [sys.executable, str(Path(__file__).with_name("floor_pooler.py"))]
         command += [f"{pg.port}:{port}", "--pool-size", str(args.pool_size)]
-        floor = Proxy("floor", port, scratch / "floor.log", [command])
+        command += ["--compiled"] if name == "cfloor" else []
+        floor = Proxy(name, port, scratch / f"{name}.log", [command])
         stack.enter_context(floor)
         if floor.start():
-            targets.proxies["floor"] = floor
+            targets.proxies[name] = floor
         else:
-            targets.unavailable["floor"] = f"not available ({floor.error})"
+            targets.unavailable[name] = f"not available ({floor.error})"
     if "baseline" in args.targets:
         port = targets.ports["baseline"] = free_port()
         ini = write_ini(scratch, "baseline.ini", listen_port=port, **ini_args)
