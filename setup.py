@@ -1,5 +1,6 @@
 """Build the optional compiled helpers: the proxy's framing walk
-(millpond.proxy.protocol._scan) and the pool's histogram recording
+(millpond.proxy.protocol._scan), its compiled lane (millpond.proxy._lane, not used by
+the proxy yet: docs/proxy-data-path.md) and the pool's histogram recording
 (millpond.pool._histogram).
 
 Everything else is in pyproject.toml. The extensions are optional: without a C compiler
@@ -18,6 +19,11 @@ else:
             Extension(
                 "millpond.proxy.protocol._scan",
                 ["src/millpond/proxy/protocol/_scan.pyx"],
+                optional=True,
+            ),
+            Extension(
+                "millpond.proxy._lane",
+                ["src/millpond/proxy/_lane.pyx"],
                 optional=True,
             ),
             Extension(
