@@ -2,16 +2,16 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-END: str
 REFUSED: str
+UNSOLICITED: str
 EOF: str
 ERROR: str
 BLOCKED: str
 ASKED: str
 
 #: on_eject(client_owner, client_unread, client_owed, server_owner, server_unread,
-#:          server_owed, reason)
-EjectHook = Callable[[Any, bytes, bytes, Any, bytes, bytes, str], object]
+#:          server_owed, outstanding, reason); an owner is None when only the other left
+EjectHook = Callable[[Any, bytes, bytes, Any, bytes, bytes, int, str], object]
 
 class Side:
     @property
@@ -22,6 +22,12 @@ class Side:
     def server(self) -> bool: ...
     @property
     def active(self) -> bool: ...
+    @property
+    def queued(self) -> bool: ...
+    @property
+    def linked(self) -> bool: ...
+    @property
+    def outstanding(self) -> int: ...
     @property
     def bytes_forwarded(self) -> int: ...
     @property
@@ -35,7 +41,6 @@ class Lane:
         client_types: bytes,
         server_types: bytes,
         *,
-        end_types: bytes = ...,
         query_ok: Callable[[bytes], bool] | None = ...,
         max_message: int = ...,
     ) -> None: ...
@@ -43,9 +48,24 @@ class Lane:
     def closed(self) -> bool: ...
     @property
     def wakeups(self) -> int: ...
+    @property
+    def transactions(self) -> int: ...
+    @property
+    def queries(self) -> int: ...
+    @property
+    def free_servers(self) -> int: ...
+    @property
+    def queued_clients(self) -> int: ...
     def __len__(self) -> int: ...
+    def add_client(self, owner: Any, fd: int) -> Side: ...
+    def add_server(self, owner: Any, fd: int) -> Side: ...
     def enter(
-        self, client_owner: Any, client_fd: int, server_owner: Any, server_fd: int
+        self,
+        client_owner: Any,
+        client_fd: int,
+        server_owner: Any,
+        server_fd: int,
+        outstanding: int = ...,
     ) -> tuple[Side, Side]: ...
     def eject(self, side: Side, reason: str = ...) -> None: ...
     def close(self) -> None: ...

@@ -1,25 +1,35 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The compiled lane: a linked client/server pair's messages forwarded in C.
+"""The compiled lane: transaction pooling's query cycle, in C.
 
-Stage 1 of docs/proxy-data-path.md. uvloop keeps owning every socket; a pair of sockets
-*enters* the lane (their transports have stopped reading, their write buffers are empty)
-and the lane watches both with its own epoll set, registered once with the event loop:
-one Python call per wake-up, then recv() and send() in C for every ready socket.
+docs/proxy-data-path.md has the why and the plan. uvloop keeps owning every socket; a
+socket *enters* the lane (its transport has stopped reading and has nothing buffered to
+write) and the lane watches it with its own epoll set, registered once with the event
+loop: one Python call per wake-up, then recv() and send() in C for every ready socket.
 
-The lane forwards complete messages untouched, of the types it was told it may forward
-in each direction, and leaves everything else to the Python path: at the first message
-it may not forward (a type not on its list, a Query its ``query_ok`` check refuses, a
-message longer than ``max_message``, a bad length), after a server message that ends
-its work (``end_types``: ReadyForQuery by default), at end of file or a socket error,
-or when a write would block, it *ejects* the pair. Ejecting unregisters both sockets
-and calls ``on_eject`` once with, for each side, the bytes read from it and not
-forwarded (to feed to its protocol's ``data_received``) and the bytes owed to it (to
-write to its transport first, before anything else), so that not a byte is lost or
-reordered. The lane never guesses: when in doubt it ejects.
+What enters: idle clients (``add_client``), idle server connections lent to the lane
+(``add_server``: its free list), and pairs linked in the middle of a transaction
+(``enter``). The lane runs transaction pooling's cycle for them: a client's complete
+requests take a free server (or queue for one, first come first served), are forwarded
+untouched, and the server's responses go back untouched; a ReadyForQuery that answers
+the last request outstanding and says idle ends the transaction, and the server goes to
+the next queued client or back on the free list.
 
-Not used by the proxy yet (stage 1 wires it in); the proxy runs without it when the
-extension is not built.
+It forwards only complete messages of the types it was told it may forward in each
+direction, and leaves everything else to the Python path: at the first message it may
+not forward (a type not on its list, a Query its ``query_ok`` check refuses, a message
+longer than ``max_message``, a bad length, a ReadyForQuery nobody asked for), at end of
+file or a socket error, when a write would block, or for data from an idle server, it
+*ejects* the socket, with the server it is linked to if any. Ejecting unregisters them
+and calls ``on_eject`` once, with for each side the bytes read and not forwarded (to
+feed to its protocol's ``data_received``) and the bytes owed to it (to write to its
+transport first), and the requests the server still owes answers for; not a byte is
+lost or reordered. The lane never guesses: when in doubt it ejects.
+
+Not used by the proxy yet (the next stage wires it in); the proxy runs without it when
+the extension is not built.
 """
+
+from collections import deque
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno
@@ -40,6 +50,7 @@ cdef extern from "<sys/epoll.h>" nogil:
     enum:
         EPOLLIN
         EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
         EPOLL_CTL_DEL
         EPOLL_CLOEXEC
 
@@ -63,9 +74,9 @@ cdef enum:
 cdef unsigned char read_buf[READ_SIZE]
 cdef epoll_event ready_events[MAX_EVENTS]
 
-# why a pair left the lane (the reason passed to on_eject)
-END = "end"  # a server message in end_types was forwarded
+# why a socket left the lane (the reason passed to on_eject)
 REFUSED = "refused"  # a message the lane may not forward
+UNSOLICITED = "unsolicited"  # data from an idle server
 EOF = "eof"
 ERROR = "error"  # a socket error on read or write
 BLOCKED = "blocked"  # a write would have blocked
@@ -93,25 +104,36 @@ cdef Py_ssize_t _send_all(int fd, const unsigned char *data, Py_ssize_t size) no
 
 
 cdef class Side:
-    """One socket of a pair in the lane."""
+    """One socket in the lane."""
 
     cdef readonly int fd
     cdef readonly object owner
     cdef readonly bint server
     cdef readonly bint active
+    cdef readonly bint queued  # a client waiting for a server (its request in pending)
+    cdef readonly long long outstanding  # a server's requests still to be answered
     cdef readonly long long bytes_forwarded
     cdef readonly long long messages_forwarded
     cdef Side peer
-    cdef bytearray pending  # the start of a message not yet complete
+    cdef bytearray pending  # read, not forwarded yet: a partial message, or a queued request
+
+    @property
+    def linked(self):
+        return self.peer is not None
 
     def __repr__(self):
         role = "server" if self.server else "client"
-        state = "in the lane" if self.active else "ejected"
-        return f"<lane {role} side fd={self.fd} {state}>"
+        if not self.active:
+            state = "ejected"
+        elif self.peer is not None:
+            state = f"linked to fd {self.peer.fd}"
+        else:
+            state = "queued" if self.queued else "idle"
+        return f"<lane {role} fd={self.fd} {state}>"
 
 
 cdef class Lane:
-    """An epoll set on the event loop that forwards linked pairs' messages in C."""
+    """An epoll set on the event loop running transaction pooling's cycle in C."""
 
     cdef int epfd
     cdef object loop
@@ -120,11 +142,14 @@ cdef class Lane:
     cdef Py_ssize_t max_message
     cdef bint client_ok[256]
     cdef bint server_ok[256]
-    cdef bint ends[256]
     cdef set members  # the active sides: epoll holds borrowed pointers to them
     cdef list ejected  # sides ejected during this wake-up, kept alive until its end
+    cdef list free  # idle servers, the last one in lent first (a stack, as the core's)
+    cdef object waiting  # queued clients, first come first served
     cdef readonly bint closed
     cdef readonly long long wakeups
+    cdef readonly long long transactions
+    cdef readonly long long queries
 
     def __cinit__(
         self,
@@ -133,7 +158,6 @@ cdef class Lane:
         bytes client_types,
         bytes server_types,
         *,
-        bytes end_types=b"Z",
         query_ok=None,
         Py_ssize_t max_message=65536,
     ):
@@ -146,13 +170,13 @@ cdef class Lane:
         self.max_message = max_message
         self.members = set()
         self.ejected = []
+        self.free = []
+        self.waiting = deque()
         cdef unsigned char kind
         for kind in client_types:
             self.client_ok[kind] = True
         for kind in server_types:
             self.server_ok[kind] = True
-        for kind in end_types:
-            self.ends[kind] = True
         loop.add_reader(self.epfd, self.on_ready)
 
     def __dealloc__(self):
@@ -162,31 +186,53 @@ cdef class Lane:
     def __len__(self):
         return len(self.members)
 
-    def enter(self, client_owner, int client_fd, server_owner, int server_fd):
-        """Watch a linked pair; their transports must have stopped reading, and have
-        nothing buffered to write. Returns the (client, server) sides."""
-        if self.closed:
-            raise RuntimeError("the lane is closed")
+    @property
+    def free_servers(self):
+        return sum(1 for side in self.free if (<Side>side).active)
+
+    @property
+    def queued_clients(self):
+        return sum(1 for side in self.waiting if (<Side>side).active)
+
+    # -- entering and leaving ------------------------------------------------------
+
+    def add_client(self, owner, int fd):
+        """An idle client (no server, nothing read) enters; returns its side."""
+        client = self._side(owner, fd, False)
+        self._watch(client, EPOLLIN)
+        return client
+
+    def add_server(self, owner, int fd):
+        """An idle server connection lent to the lane enters its free list (served to
+        the first queued client, if one waits)."""
+        server = self._side(owner, fd, True)
+        self._watch(server, EPOLLIN)
+        self._release(server)
+        return server
+
+    def enter(self, client_owner, int client_fd, server_owner, int server_fd,
+              long long outstanding=0):
+        """A pair linked in the middle of a transaction enters, the server owing
+        ``outstanding`` answers. Returns the (client, server) sides."""
         client = self._side(client_owner, client_fd, False)
         server = self._side(server_owner, server_fd, True)
         client.peer, server.peer = server, client
-        self._watch(client)
+        server.outstanding = outstanding
+        self._watch(client, EPOLLIN)
         try:
-            self._watch(server)
+            self._watch(server, EPOLLIN)
         except OSError:
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, client.fd, NULL)
-            self.members.discard(client)
-            client.active = False
+            self._unwatch(client)
             raise
         return client, server
 
     def eject(self, Side side not None, str reason=ASKED):
-        """Take ``side``'s pair out of the lane now (on_eject is called), if it is in."""
+        """``side`` (with its linked peer) out of the lane now, through on_eject."""
         if side.active:
             self._eject(side, b"", b"", reason)
 
     def close(self):
-        """Eject every pair, and leave the event loop."""
+        """Eject everything, and leave the event loop."""
         if self.closed:
             return
         self.closed = True
@@ -194,25 +240,47 @@ cdef class Lane:
             if (<Side>side).active:
                 self._eject(side, b"", b"", ASKED)
         self.ejected.clear()
+        self.free.clear()
+        self.waiting.clear()
         self.loop.remove_reader(self.epfd)
         close(self.epfd)
         self.epfd = -1
 
     cdef Side _side(self, owner, int fd, bint server):
+        if self.closed:
+            raise RuntimeError("the lane is closed")
         cdef Side side = Side.__new__(Side)
         side.fd = fd
         side.owner = owner
         side.server = server
         return side
 
-    cdef _watch(self, Side side):
+    cdef _watch(self, Side side, unsigned int events):
         cdef epoll_event event
-        event.events = EPOLLIN
+        event.events = events
         event.data.ptr = <void *>side
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, side.fd, &event) < 0:
             raise OSError(errno, f"cannot watch fd {side.fd}")
         side.active = True
         self.members.add(side)
+
+    cdef void _listen(self, Side side, unsigned int events):
+        """Change what wakes us for ``side`` (0: only hang-ups and errors)."""
+        cdef epoll_event event
+        event.events = events
+        event.data.ptr = <void *>side
+        epoll_ctl(self.epfd, EPOLL_CTL_MOD, side.fd, &event)
+
+    cdef _unwatch(self, Side side):
+        if side.active:
+            side.active = False
+            side.queued = False
+            if self.epfd >= 0:
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, side.fd, NULL)
+            self.members.discard(side)
+            self.ejected.append(side)  # alive until the end of this wake-up
+
+    # -- serving -------------------------------------------------------------------
 
     def on_ready(self):
         """The event loop's reader callback: serve every socket that is ready."""
@@ -224,20 +292,13 @@ cdef class Lane:
             for i in range(count):
                 side = <Side>ready_events[i].data.ptr
                 if side.active:  # not ejected earlier in this wake-up
-                    self._serve(side)
+                    self._read(side)
         finally:
             self.ejected.clear()
 
-    cdef _serve(self, Side side):
+    cdef _read(self, Side side):
         cdef ssize_t got = recv(side.fd, read_buf, READ_SIZE, 0)
-        cdef const unsigned char *data = read_buf
-        cdef Py_ssize_t size, pos = 0, length, count = 0, sent
-        cdef unsigned char kind
-        cdef bint *allowed = &self.client_ok[0]
-        cdef object reason = None
         cdef bytearray pending = side.pending
-        if side.server:
-            allowed = &self.server_ok[0]
         if got < 0:
             if errno != EAGAIN and errno != EINTR:
                 self._eject(side, b"", b"", ERROR)
@@ -245,69 +306,201 @@ cdef class Lane:
         if got == 0:  # the transport sees the end of file again once it reads
             self._eject(side, b"", b"", EOF)
             return
-        size = got
-        if pending is not None:
+        if side.queued:  # a request is waiting already: keep whatever else came
             pending.extend(read_buf[:got])
-            data = pending
-            size = len(pending)
+            return
+        if pending is None:
+            if side.server:
+                self._from_server(side, read_buf, got, None)
+            else:
+                self._from_client(side, read_buf, got, None)
+            return
+        pending.extend(read_buf[:got])
+        side.pending = None
+        if side.server:
+            self._from_server(side, pending, len(pending), pending)
+        else:
+            self._from_client(side, pending, len(pending), pending)
+
+    cdef _from_client(self, Side client, const unsigned char *data, Py_ssize_t size,
+                      object keep):
+        """Whole requests to the client's server (taking one first if need be)."""
+        cdef Py_ssize_t pos = 0, length, count = 0, syncs = 0
+        cdef unsigned char kind
+        cdef object reason = None
+        cdef Side server = client.peer
         while pos + 5 <= size:
             kind = data[pos]
             length = _length_at(data + pos + 1)
-            if length < 4 or length + 1 > self.max_message or not allowed[kind]:
+            if length < 4 or length + 1 > self.max_message or not self.client_ok[kind]:
                 reason = REFUSED
                 break
             if pos + 1 + length > size:
                 break  # incomplete: wait for the rest
-            if kind == 81 and not side.server and self.query_ok is not None:  # 'Q'
+            if kind == 81 and self.query_ok is not None:  # 'Q'
                 if not self.query_ok(PyBytes_FromStringAndSize(<char *>data + pos + 5, length - 4)):
                     reason = REFUSED
                     break
+            if kind == 81 or kind == 83 or kind == 70:  # Q, Sync, FunctionCall: answered by Z
+                syncs += 1
             pos += 1 + length
             count += 1
-            if side.server and self.ends[kind]:
-                reason = END
-                break
+        if server is None:
+            if reason is not None:  # the whole request is Python's, or none of it
+                self._eject(client, _bytes(data, 0, size), b"", reason)
+                return
+            if pos == 0:
+                if size:
+                    client.pending = _keep(keep, data, 0, size)
+                return
+            server = self._take()
+            if server is None:  # queue, and hear nothing more from it until served
+                client.pending = _keep(keep, data, 0, size)
+                client.queued = True
+                self.waiting.append(client)
+                self._listen(client, 0)
+                return
+            client.peer, server.peer = server, client
         if pos:
-            sent = _send_all(side.peer.fd, data, pos)
-            side.bytes_forwarded += pos
-            side.messages_forwarded += count
-            if sent != pos:
-                unsent = PyBytes_FromStringAndSize(<char *>data + max(sent, 0), pos - max(sent, 0))
-                rest = PyBytes_FromStringAndSize(<char *>data + pos, size - pos)
-                side.pending = None
-                self._eject(side, rest, unsent, ERROR if sent < 0 else BLOCKED)
+            server.outstanding += syncs
+            client.bytes_forwarded += pos
+            client.messages_forwarded += count
+            if not self._forward(client, server, data, pos, size):
                 return
         if reason is not None:
-            rest = PyBytes_FromStringAndSize(<char *>data + pos, size - pos)
-            side.pending = None
-            self._eject(side, rest, b"", reason)
-        elif pos == size:
-            side.pending = None
-        elif pending is None:
-            side.pending = bytearray(read_buf[pos:size])
-        else:
-            del pending[:pos]
+            self._eject(client, _bytes(data, pos, size), b"", reason)
+        elif pos < size:
+            client.pending = _keep(keep, data, pos, size)
+
+    cdef _from_server(self, Side server, const unsigned char *data, Py_ssize_t size,
+                      object keep):
+        """Responses to the linked client; at the last ReadyForQuery, idle: release."""
+        cdef Py_ssize_t pos = 0, length, count = 0
+        cdef unsigned char kind
+        cdef object reason = None
+        cdef bint done = False
+        cdef Side client = server.peer
+        if client is None:
+            self._eject(server, _bytes(data, 0, size), b"", UNSOLICITED)
+            return
+        while pos + 5 <= size:
+            kind = data[pos]
+            length = _length_at(data + pos + 1)
+            if length < 4 or length + 1 > self.max_message or not self.server_ok[kind]:
+                reason = REFUSED
+                break
+            if pos + 1 + length > size:
+                break
+            if kind == 90:  # 'Z'
+                if server.outstanding <= 0 or length != 5:
+                    reason = REFUSED  # not an answer to anything: Python's to judge
+                    break
+                server.outstanding -= 1
+                self.queries += 1
+                if server.outstanding == 0 and data[pos + 5] == 73:  # 'I': transaction over
+                    pos += 1 + length
+                    count += 1
+                    done = True
+                    break
+            pos += 1 + length
+            count += 1
+        if pos:
+            server.bytes_forwarded += pos
+            server.messages_forwarded += count
+            if not self._forward(server, client, data, pos, size):
+                return
+        if done:
+            self.transactions += 1
+            client.peer = server.peer = None
+            if pos < size:  # more after the end of the transaction: not ours to judge
+                self._eject(server, _bytes(data, pos, size), b"", UNSOLICITED)
+            else:
+                self._release(server)
+            if client.active and client.pending is not None:
+                pending, client.pending = client.pending, None  # sent meanwhile: its
+                self._from_client(client, pending, len(pending), pending)  # turn, queued
+            return
+        if reason is not None:
+            self._eject(server, _bytes(data, pos, size), b"", reason)
+        elif pos < size:
+            server.pending = _keep(keep, data, pos, size)
+
+    cdef bint _forward(self, Side source, Side target, const unsigned char *data,
+                       Py_ssize_t pos, Py_ssize_t size):
+        """data[:pos] to ``target``; on a short write, eject both with what is owed."""
+        cdef Py_ssize_t sent = _send_all(target.fd, data, pos)
+        if sent == pos:
+            return True
+        owed = _bytes(data, max(sent, 0), pos)
+        self._eject(source, _bytes(data, pos, size), owed, ERROR if sent < 0 else BLOCKED)
+        return False
+
+    cdef Side _take(self):
+        cdef Side server
+        while self.free:
+            server = self.free.pop()
+            if server.active:
+                return server
+        return None
+
+    cdef _release(self, Side server):
+        """An idle server to the first queued client still here, or the free list."""
+        cdef Side client
+        while self.waiting:
+            client = self.waiting.popleft()
+            if not client.active:
+                continue
+            client.queued = False
+            client.peer, server.peer = server, client
+            self._listen(client, EPOLLIN)
+            pending, client.pending = client.pending, None
+            self._from_client(client, pending, len(pending), pending)
+            return
+        self.free.append(server)
 
     cdef _eject(self, Side side, bytes unread, bytes owed_to_peer, str reason):
-        """Both sides out of the lane; on_eject gets what each side is owed."""
+        """``side`` and its linked peer out of the lane; on_eject gets what each is owed."""
         cdef Side peer = side.peer
-        cdef Side s
-        if side.pending is not None:  # read before an end of file or an error
+        cdef Side client, server
+        cdef bytes client_unread = b"", client_owed = b"", server_unread = b"", server_owed = b""
+        if side.pending is not None:  # read before an end of file, an error, an eject
             unread = bytes(side.pending) + unread
             side.pending = None
-        for s in (side, peer):
-            if s.active:
-                s.active = False
-                if self.epfd >= 0:
-                    epoll_ctl(self.epfd, EPOLL_CTL_DEL, s.fd, NULL)
-                self.members.discard(s)
-                self.ejected.append(s)
-        if peer.pending is not None:
-            peer_unread = bytes(peer.pending)
-            peer.pending = None
-        else:
+        self._unwatch(side)
+        if peer is not None:
+            self._unwatch(peer)
             peer_unread = b""
+            if peer.pending is not None:
+                peer_unread = bytes(peer.pending)
+                peer.pending = None
         if side.server:
-            self.on_eject(peer.owner, peer_unread, owed_to_peer, side.owner, unread, b"", reason)
+            server, client = side, peer
+            server_unread, client_owed = unread, owed_to_peer
+            if peer is not None:
+                client_unread = peer_unread
         else:
-            self.on_eject(side.owner, unread, b"", peer.owner, peer_unread, owed_to_peer, reason)
+            client, server = side, peer
+            client_unread, server_owed = unread, owed_to_peer
+            if peer is not None:
+                server_unread = peer_unread
+        self.on_eject(
+            client.owner if client is not None else None, client_unread, client_owed,
+            server.owner if server is not None else None, server_unread, server_owed,
+            server.outstanding if server is not None else 0, reason,
+        )
+
+
+cdef inline bytes _bytes(const unsigned char *data, Py_ssize_t start, Py_ssize_t end):
+    return PyBytes_FromStringAndSize(<char *>data + start, end - start)
+
+
+cdef inline bytearray _keep(object keep, const unsigned char *data, Py_ssize_t start,
+                            Py_ssize_t end):
+    """data[start:end] as a side's pending bytes (reusing ``keep``, the buffer they are in)."""
+    cdef bytearray kept
+    if keep is None:
+        return bytearray(_bytes(data, start, end))
+    kept = <bytearray>keep
+    if start:
+        del kept[:start]
+    return kept

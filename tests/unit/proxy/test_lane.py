@@ -1,10 +1,11 @@
-"""The compiled lane (millpond.proxy._lane): messages forwarded in C, every byte accounted.
+"""The compiled lane (millpond.proxy._lane): transaction pooling's cycle in C.
 
-Each test puts the proxy's ends of two socket pairs in a lane and plays the client and
-the server on the other ends. Whatever happens, the bytes a side sent must come out
-exactly once, in order: forwarded by the lane, or handed back at the eject (unread, to
-feed to that side's protocol; owed, to write to the other side first), or still in the
-socket for the transport to read once it resumes.
+The tests put the proxy's ends of socket pairs in a lane and play the clients and the
+servers on the other ends. Whatever happens, the bytes a side sent must come out exactly
+once, in order: forwarded by the lane, or handed back at the eject (unread, to feed to
+that side's protocol; owed, to write to the other side first), or still in the socket
+for the transport to read once it resumes; and a server connection goes back to the
+pool only at a ReadyForQuery that answers the last request and says idle.
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ READY = msg(b"Z", b"I")
 
 @dataclass
 class Eject:
+    client: object
     client_unread: bytes
     client_owed: bytes
+    server: object
     server_unread: bytes
     server_owed: bytes
+    outstanding: int
     reason: str
 
 
@@ -113,12 +117,8 @@ async def rig(**options: Any) -> AsyncIterator[Rig]:
     ejects: list[Eject] = []
     seen = asyncio.Event()
 
-    def on_eject(
-        client: object, c_unread: bytes, c_owed: bytes, server: object, s_unread: bytes,
-        s_owed: bytes, reason: str,
-    ) -> None:  # fmt: skip
-        assert (client, server) == ("client", "server")
-        ejects.append(Eject(c_unread, c_owed, s_unread, s_owed, reason))
+    def on_eject(*args: Any) -> None:
+        ejects.append(Eject(*args))
         seen.set()
 
     loop = asyncio.get_running_loop()
@@ -152,12 +152,15 @@ chunkings = st.lists(st.integers(min_value=1, max_value=40), max_size=12)
 
 @settings(max_examples=40, deadline=None)
 @given(
-    sqls=st.lists(st.text(min_size=1, max_size=200).map(lambda s: s.replace("\x00", "")),
-                  min_size=1, max_size=6),
+    sqls=st.lists(
+        st.text(min_size=1, max_size=200).map(lambda s: s.replace("\x00", "")),
+        min_size=1,
+        max_size=6,
+    ),
     client_chunks=chunkings,
     server_chunks=chunkings,
     tail=st.binary(max_size=30),
-)  # fmt: skip
+)
 def test_a_query_cycle_is_forwarded_untouched_in_any_chunking(
     sqls: list[str], client_chunks: list[int], server_chunks: list[int], tail: bytes
 ) -> None:
@@ -166,20 +169,27 @@ def test_a_query_cycle_is_forwarded_untouched_in_any_chunking(
             requests = b"".join(query(sql) for sql in sqls)
             await r.send(r.app, requests, client_chunks)
             assert await r.receive(r.db, len(requests)) == requests
-            assert not r.ejects
-            response = RESPONSE * len(sqls) + READY
+            assert r.server_side.outstanding == len(sqls)
+            # a ReadyForQuery per request; only the last one ends the transaction
+            response = (RESPONSE + READY) * len(sqls)
             await r.send(r.db, response + tail, server_chunks)
             assert await r.receive(r.app, len(response)) == response
-            eject = await r.ejected()
-            assert eject.reason == _lane.END
-            # what followed ReadyForQuery is the server's protocol's to read
-            assert eject.server_unread + drain(r.proxy_server) == tail
-            assert (eject.client_unread, eject.client_owed, eject.server_owed) == (b"", b"", b"")
-            client, server = r.lane.enter(
-                "client", r.proxy_client.fileno(), "server", r.db.fileno()
-            )
-            assert client.active, "an fd can enter again after an eject"
-            assert server.active
+            if tail:  # more after the end of the transaction: the server leaves
+                eject = await r.ejected()
+                assert (eject.reason, eject.client, eject.server) == (
+                    _lane.UNSOLICITED,
+                    None,
+                    "server",
+                )
+                assert eject.server_unread + drain(r.proxy_server) == tail
+                assert r.client_side.active, "the client stays, idle"
+            else:
+                await asyncio.sleep(0.005)
+                assert not r.ejects
+                assert r.lane.free_servers == 1, "the server is back in the free list"
+            assert not r.server_side.linked
+            assert not r.client_side.linked
+            assert (r.lane.transactions, r.lane.queries) == (1, len(sqls))
 
     run(main())
 
@@ -293,5 +303,193 @@ def test_counters_and_one_wakeup_for_many_ready_sockets() -> None:
             finally:
                 for sock in (app2, proxy2, server2, db2):
                     sock.close()
+
+    run(main())
+
+
+# -- pooling: idle clients, a free list of servers, a queue ---------------------------
+
+
+class Database:
+    """Plays a server connection: answers each Query with its text and a ReadyForQuery
+    (in a transaction from BEGIN to COMMIT), after ``delay`` seconds."""
+
+    def __init__(self, sock: socket.socket, delay: float = 0.0) -> None:
+        self.sock, self.delay = sock, delay
+        self.seen: list[bytes] = []
+        self.status = b"I"
+        self.task = asyncio.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        buffer = b""
+        while chunk := await loop.sock_recv(self.sock, 65536):
+            buffer += chunk
+            while len(buffer) >= 5 and len(buffer) >= 1 + struct.unpack("!I", buffer[1:5])[0]:
+                size = 1 + struct.unpack("!I", buffer[1:5])[0]
+                sql, buffer = buffer[5 : size - 1], buffer[size:]
+                self.seen.append(sql)
+                if sql.startswith(b"BEGIN"):
+                    self.status = b"T"
+                elif sql.startswith(b"COMMIT"):
+                    self.status = b"I"
+                await asyncio.sleep(self.delay)
+                await loop.sock_sendall(self.sock, answer(sql, self.status))
+
+
+def answer(sql: bytes, status: bytes = b"I") -> bytes:
+    return msg(b"C", sql + b"\x00") + msg(b"Z", status)
+
+
+class Ejects(list[Eject]):
+    """on_eject's calls, and a wait for the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = asyncio.Event()
+
+    def __call__(self, *args: Any) -> None:
+        self.append(Eject(*args))
+        self.seen.set()
+
+    async def first(self) -> Eject:
+        async with asyncio.timeout(5):
+            await self.seen.wait()
+        return self[0]
+
+
+@asynccontextmanager
+async def pool(clients: int, servers: int, delay: float = 0.0) -> AsyncIterator[Any]:
+    """A lane with idle clients and free servers; yields (lane, apps, databases, ejects)."""
+    loop = asyncio.get_running_loop()
+    socks: list[socket.socket] = []
+    ejects = Ejects()
+
+    def pair() -> tuple[socket.socket, socket.socket]:
+        outer, inner = socket.socketpair()
+        for sock in (outer, inner):
+            sock.setblocking(False)
+            socks.append(sock)
+        return outer, inner
+
+    lane = _lane.Lane(loop, ejects, CLIENT_TYPES, SERVER_TYPES)
+    databases: list[Database] = []
+    try:
+        for i in range(servers):
+            db, proxy_end = pair()
+            databases.append(Database(db, delay))
+            lane.add_server(f"server {i}", proxy_end.fileno())
+        apps = []
+        for i in range(clients):
+            app, proxy_end = pair()
+            apps.append(app)
+            lane.add_client(f"client {i}", proxy_end.fileno())
+        yield lane, apps, databases, ejects
+    finally:
+        lane.close()
+        for database in databases:
+            database.task.cancel()
+        for sock in socks:
+            sock.close()
+
+
+async def ask(app: socket.socket, sql: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(app, msg(b"Q", sql + b"\x00"))
+    expected = len(answer(sql))
+    got = b""
+    async with asyncio.timeout(5):
+        while len(got) < expected:
+            got += await loop.sock_recv(app, expected - len(got))
+    return got
+
+
+def test_clients_queue_for_the_one_server_first_come_first_served() -> None:
+    async def main() -> None:
+        async with pool(clients=3, servers=1, delay=0.02) as (lane, apps, dbs, ejects):
+            asks = []
+            for i, app in enumerate(apps):
+                asks.append(asyncio.create_task(ask(app, b"select %d" % i)))
+                await asyncio.sleep(0.003)  # in this order
+            assert lane.queued_clients == 2
+            answers = await asyncio.gather(*asks)
+            assert answers == [answer(b"select %d" % i) for i in range(3)]
+            assert dbs[0].seen == [b"select 0", b"select 1", b"select 2"]
+            assert (lane.transactions, lane.free_servers, lane.queued_clients) == (3, 1, 0)
+            assert not ejects
+
+    run(main())
+
+
+def test_a_transaction_keeps_its_server_until_idle() -> None:
+    async def main() -> None:
+        async with pool(clients=2, servers=2) as (lane, apps, dbs, ejects):
+            a, b = apps
+            assert await ask(a, b"BEGIN") == answer(b"BEGIN", b"T")
+            assert lane.free_servers == 1, "in a transaction: the server stays linked"
+            assert await ask(b, b"select 1") == answer(b"select 1")
+            assert await ask(a, b"update x") == answer(b"update x", b"T")
+            assert await ask(a, b"COMMIT") == answer(b"COMMIT")
+            a_db = next(db for db in dbs if b"BEGIN" in db.seen)
+            assert a_db.seen == [b"BEGIN", b"update x", b"COMMIT"]
+            assert (lane.transactions, lane.free_servers) == (2, 2)
+            assert not ejects
+
+    run(main())
+
+
+def test_data_from_an_idle_server_ejects_it_alone() -> None:
+    async def main() -> None:
+        async with pool(clients=1, servers=1) as (lane, apps, dbs, ejects):
+            notice = msg(b"N", b"SWARNING\x00\x00")
+            dbs[0].task.cancel()
+            await asyncio.get_running_loop().sock_sendall(dbs[0].sock, notice)
+            eject = await ejects.first()
+            assert len(ejects) == 1
+            assert (eject.client, eject.server, eject.reason) == (
+                None, "server 0", _lane.UNSOLICITED)  # fmt: skip
+            assert eject.server_unread == notice
+            assert lane.free_servers == 0
+            await asyncio.get_running_loop().sock_sendall(apps[0], query("select 1"))
+            await asyncio.sleep(0.01)
+            assert lane.queued_clients == 1, "no server left: the client waits"
+
+    run(main())
+
+
+def test_a_refused_request_from_an_idle_client_is_all_handed_back() -> None:
+    async def main() -> None:
+        async with pool(clients=1, servers=1) as (lane, apps, dbs, ejects):
+            request = query("select 1") + msg(b"X")  # Terminate: Python's business
+            await asyncio.get_running_loop().sock_sendall(apps[0], request)
+            eject = await ejects.first()
+            assert len(ejects) == 1
+            assert (eject.client, eject.server, eject.reason) == ("client 0", None, "refused")
+            assert eject.client_unread == request, "none of it was forwarded"
+            assert dbs[0].seen == []
+            assert lane.free_servers == 1
+
+    run(main())
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    servers=st.integers(min_value=1, max_value=3),
+    work=st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=6),
+)
+def test_many_clients_few_servers_each_gets_its_own_answers(servers: int, work: list[int]) -> None:
+    async def main() -> None:
+        async with pool(clients=len(work), servers=servers) as (lane, apps, dbs, ejects):
+
+            async def client(i: int, app: socket.socket) -> list[bytes]:
+                return [await ask(app, b"select %d, %d" % (i, n)) for n in range(work[i])]
+
+            results = await asyncio.gather(*(client(i, app) for i, app in enumerate(apps)))
+            for i, got in enumerate(results):
+                assert got == [answer(b"select %d, %d" % (i, n)) for n in range(work[i])]
+            assert lane.transactions == sum(work)
+            assert sum(len(db.seen) for db in dbs) == sum(work)
+            assert lane.free_servers == servers
+            assert not ejects
 
     run(main())
