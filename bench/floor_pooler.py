@@ -19,6 +19,13 @@ PgBouncer is the language and how much is millpond's own code.
 on first use with Cython's pyximport): logins the same, then one epoll set registered
 with uvloop, one Python call per wake-up, a recv() and a send() in C per read. It is the
 target ``cfloor``: what a compiled data path inside a Python process could reach.
+
+``--lane`` runs the same pooler on millpond's own compiled lane (``millpond.proxy._lane``,
+docs/proxy-data-path.md): logins the same, then each logged-in client and each server
+connection enters the lane, which frames every message, counts what each server owes
+and runs the queue; a Terminate or an end of file ejects the client back to Python,
+which closes it. It is the target ``lane``: the lane's cost before it is wired into the
+proxy.
 """
 
 from __future__ import annotations
@@ -191,6 +198,64 @@ def serve_compiled(pg_port: int, port: int, pool_size: int) -> None:
     loop.run_forever()
 
 
+class LaneClient(asyncio.Protocol):
+    """A client: the canned login in Python, then into the lane until it leaves."""
+
+    def __init__(self, lane: Any, welcome: bytes) -> None:
+        self.lane, self.welcome = lane, welcome
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if data == SSL_REQUEST:
+            self.transport.write(b"N")
+            return
+        self.transport.write(self.welcome)
+        self.transport.pause_reading()
+        self.lane.add_client(self, self.transport.get_extra_info("socket").fileno())
+
+
+def lane_ejected(
+    client: LaneClient | None,
+    client_unread: bytes,
+    client_owed: bytes,
+    server: object,
+    server_unread: bytes,
+    server_owed: bytes,
+    outstanding: int,
+    reason: str,
+) -> None:
+    """A client that leaves (Terminate, end of file) is closed; anything else is a bug."""
+    if client is not None:
+        if client_owed:
+            client.transport.write(client_owed)
+        if not (reason == "eof" or client_unread.startswith(TERMINATE)):
+            print(f"lane floor: client out ({reason}): {client_unread[:40]!r}", file=sys.stderr)
+        client.transport.close()
+    if server is not None:
+        print(f"lane floor: a server left the lane ({reason})", file=sys.stderr, flush=True)
+
+
+def serve_lane(pg_port: int, port: int, pool_size: int) -> None:
+    import uvloop
+
+    from millpond.proxy import _lane
+
+    logins = [log_in(pg_port) for _ in range(pool_size)]
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    lane = _lane.Lane(loop, lane_ejected, b"Q", b"123TDCInstNEZ")
+    for sock, _ in logins:
+        lane.add_server(sock, sock.fileno())
+    welcome = logins[0][1]
+    server = loop.run_until_complete(
+        loop.create_server(lambda: LaneClient(lane, welcome), "127.0.0.1", port, backlog=4096)
+    )
+    print(f"lane floor pooler listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    loop.run_until_complete(server.serve_forever())
+
+
 def main() -> None:
     import uvloop
 
@@ -198,12 +263,15 @@ def main() -> None:
     parser.add_argument("ports", help="PG_PORT:PORT")
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--compiled", action="store_true", help="the data path in C")
+    parser.add_argument("--lane", action="store_true", help="millpond's compiled lane")
     args = parser.parse_args()
     pg_port, port = (int(p) for p in args.ports.split(":"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):
         if args.compiled:
             serve_compiled(pg_port, port, args.pool_size)
+        elif args.lane:
+            serve_lane(pg_port, port, args.pool_size)
         else:
             uvloop.run(serve(pg_port, port, args.pool_size))
 

@@ -19,7 +19,8 @@ If ``millpond proxy`` cannot start (e.g. it is not written yet), its rows say
 bench/floor_pooler.py, the least a transaction pooler in Python on uvloop can do (no
 checks, no parsing, same pool size), i.e. the floor under any Python proxy's numbers;
 ``cfloor`` the same pooler with its data path compiled (``floor_pooler.py --compiled``,
-needs Cython), what a compiled data path inside a Python process can reach.
+needs Cython), what a compiled data path inside a Python process can reach; ``lane``
+the same logins on millpond's compiled lane (``floor_pooler.py --lane``).
 ``--baseline DIR`` adds another: millpond run from another checkout's ``DIR/src`` (e.g.
 ``git worktree add /tmp/base HEAD~3``), in the same interleaved rounds, to measure a
 change against the code before it; a second ratio table then gives millpond/baseline.
@@ -59,7 +60,9 @@ TARGETS = ("direct", "pgbouncer", "millpond")
 #: ``baseline`` (only with --baseline DIR): millpond from another checkout, for A/B runs
 #: ``cfloor`` (only with --only): the same with its data path in C (floor_pooler.py
 #: --compiled, bench/floor_relay.pyx; needs Cython): what a compiled data path could reach
-ALL_TARGETS = (*TARGETS, "floor", "cfloor", "baseline")
+#: ``lane`` (only with --only): the floor's logins on millpond's compiled lane (floor_pooler.py
+#: --lane): what the lane costs before it is wired into the proxy
+ALL_TARGETS = (*TARGETS, "floor", "cfloor", "lane", "baseline")
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -82,7 +85,7 @@ CASES = (
         "S c=1000",
         1000,
         ("-S",),
-        targets=("pgbouncer", "millpond", "floor", "cfloor", "baseline"),
+        targets=("pgbouncer", "millpond", "floor", "cfloor", "lane", "baseline"),
         note="1000 server processes are what a pooler avoids",
     ),
     Case("S -C c=20", 20, ("-S", "-C"), targets=ALL_TARGETS),
@@ -786,13 +789,13 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         else:
             targets.unavailable[name] = f"not available ({proxy.error})"
             print(f"{name}: {targets.unavailable[name]}", file=sys.stderr)
-    for name in ("floor", "cfloor"):
+    for name in ("floor", "cfloor", "lane"):
         if name not in args.targets:
             continue
         port = targets.ports[name] = free_port()
         command = [sys.executable, str(Path(__file__).with_name("floor_pooler.py"))]
         command += [f"{pg.port}:{port}", "--pool-size", str(args.pool_size)]
-        command += ["--compiled"] if name == "cfloor" else []
+        command += {"floor": [], "cfloor": ["--compiled"], "lane": ["--lane"]}[name]
         floor = Proxy(name, port, scratch / f"{name}.log", [command])
         stack.enter_context(floor)
         if floor.start():
