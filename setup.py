@@ -33,6 +33,7 @@ else:
             ),
         ],
         build_dir="build/cython",
+        include_path=["src"],  # the lane cimports _scan's .pxd
         quiet=True,
     )
 

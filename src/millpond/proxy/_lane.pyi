@@ -41,6 +41,7 @@ class Lane:
         client_types: bytes,
         server_types: bytes,
         *,
+        session_check: bool = ...,
         query_ok: Callable[[bytes], bool] | None = ...,
         max_message: int = ...,
     ) -> None: ...

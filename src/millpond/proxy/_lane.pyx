@@ -16,14 +16,16 @@ the next queued client or back on the free list.
 
 It forwards only complete messages of the types it was told it may forward in each
 direction, and leaves everything else to the Python path: at the first message it may
-not forward (a type not on its list, a Query its ``query_ok`` check refuses, a message
-longer than ``max_message``, a bad length, a ReadyForQuery nobody asked for), at end of
-file or a socket error, when a write would block, or for data from an idle server, it
-*ejects* the socket, with the server it is linked to if any. Ejecting unregisters them
-and calls ``on_eject`` once, with for each side the bytes read and not forwarded (to
-feed to its protocol's ``data_received``) and the bytes owed to it (to write to its
-transport first), and the requests the server still owes answers for; not a byte is
-lost or reordered. The lane never guesses: when in doubt it ejects.
+not forward (a type not on its list, a Query that may touch session state when
+``session_check`` is on (the session tracker's own first look, in C) or that its
+``query_ok`` check refuses, a message longer than ``max_message``, a bad length, a
+ReadyForQuery nobody asked for), at end of file or a socket error, when a write would
+block, or for data from an idle server, it *ejects* the socket, with the server it is
+linked to if any. Ejecting unregisters them and calls ``on_eject`` once, with for each
+side the bytes read and not forwarded (to feed to its protocol's ``data_received``) and
+the bytes owed to it (to write to its transport first), and the requests the server
+still owes answers for; not a byte is lost or reordered. The lane never guesses: when in
+doubt it ejects.
 
 Not used by the proxy yet (the next stage wires it in); the proxy runs without it when
 the extension is not built.
@@ -33,6 +35,8 @@ from collections import deque
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno
+
+from millpond.proxy.protocol._scan cimport _hint
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -139,6 +143,7 @@ cdef class Lane:
     cdef object loop
     cdef object on_eject
     cdef object query_ok
+    cdef bint session_check
     cdef Py_ssize_t max_message
     cdef bint client_ok[256]
     cdef bint server_ok[256]
@@ -158,15 +163,19 @@ cdef class Lane:
         bytes client_types,
         bytes server_types,
         *,
+        bint session_check=False,
         query_ok=None,
         Py_ssize_t max_message=65536,
     ):
+        if session_check:  # its import gives _scan the words to look for
+            import millpond.proxy.session  # noqa: F401
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
         self.loop = loop
         self.on_eject = on_eject
         self.query_ok = query_ok
+        self.session_check = session_check
         self.max_message = max_message
         self.members = set()
         self.ejected = []
@@ -337,8 +346,13 @@ cdef class Lane:
                 break
             if pos + 1 + length > size:
                 break  # incomplete: wait for the rest
-            if kind == 81 and self.query_ok is not None:  # 'Q'
-                if not self.query_ok(PyBytes_FromStringAndSize(<char *>data + pos + 5, length - 4)):
+            if kind == 81:  # 'Q': one that may touch session state is Python's
+                if self.session_check and _hint(data + pos + 5, length - 4):
+                    reason = REFUSED
+                    break
+                if self.query_ok is not None and not self.query_ok(
+                    PyBytes_FromStringAndSize(<char *>data + pos + 5, length - 4)
+                ):
                     reason = REFUSED
                     break
             if kind == 81 or kind == 83 or kind == 70:  # Q, Sync, FunctionCall: answered by Z

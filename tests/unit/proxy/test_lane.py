@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from millpond.proxy import session
 from tests.helpers import run
 
 try:
@@ -491,5 +492,34 @@ def test_many_clients_few_servers_each_gets_its_own_answers(servers: int, work: 
             assert sum(len(db.seen) for db in dbs) == sum(work)
             assert lane.free_servers == servers
             assert not ejects
+
+    run(main())
+
+
+_WORDS = [w.decode() for w in session.HINT_WORDS] + [
+    p.decode() + "_x" for p in session.HINT_PREFIXES
+]
+_VOCABULARY = ["select", "1", "from", "t", "where", "x", "=", "'a'", ";", "insert", "into", *_WORDS]
+
+
+@settings(max_examples=60, deadline=None)
+@given(words=st.lists(st.sampled_from(_VOCABULARY), min_size=1, max_size=8))
+def test_session_check_refuses_what_the_session_tracker_would_look_at(words: list[str]) -> None:
+    """The lane's check is the Python path's own first look (session.hint), in C: a
+    query it flags is left to the Python path, which decides what it does."""
+    sql = " ".join(words)
+    flagged = session.hint(sql.encode() + b"\x00")
+
+    async def main() -> None:
+        async with rig(session_check=True) as r:
+            request = query(sql)
+            await r.send(r.app, request)
+            if flagged:
+                eject = await r.ejected()
+                assert (eject.reason, eject.client_unread) == (_lane.REFUSED, request)
+                assert drain(r.db) == b""
+            else:
+                assert await r.receive(r.db, len(request)) == request
+                assert not r.ejects
 
     run(main())
