@@ -71,6 +71,25 @@ cdef extern from "<unistd.h>" nogil:
     int close(int fd)
 
 
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+
+    int clock_gettime(int clock, timespec *now)
+    enum:
+        CLOCK_MONOTONIC
+
+
+cdef inline double _monotonic() noexcept nogil:
+    """time.monotonic()'s clock (CLOCK_MONOTONIC on Linux), so Python can compare."""
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
+
 cdef enum:
     READ_SIZE = 65536
     MAX_EVENTS = 128
@@ -118,6 +137,10 @@ cdef class Side:
     cdef readonly long long outstanding  # a server's requests still to be answered
     cdef readonly long long bytes_forwarded
     cdef readonly long long messages_forwarded
+    cdef readonly double last_active  # when it was last read from (time.monotonic())
+    cdef readonly double queued_since  # a queued client: since when
+    cdef readonly double linked_since  # a server: when its transaction began (0: idle)
+    cdef readonly double busy_since  # a server: since when it owes an answer (0: none)
     cdef Side peer
     cdef bytearray pending  # read, not forwarded yet: a partial message, or a queued request
 
@@ -155,6 +178,10 @@ cdef class Lane:
     cdef readonly long long wakeups
     cdef readonly long long transactions
     cdef readonly long long queries
+    cdef readonly double xact_time  # seconds servers spent linked, summed
+    cdef readonly double query_time  # seconds servers spent owing answers, summed
+    cdef readonly double wait_time  # seconds clients spent queued, summed
+    cdef double now  # the clock, read once per wake-up
 
     def __cinit__(
         self,
@@ -227,6 +254,9 @@ cdef class Lane:
         server = self._side(server_owner, server_fd, True)
         client.peer, server.peer = server, client
         server.outstanding = outstanding
+        server.linked_since = client.last_active = server.last_active = _monotonic()
+        if outstanding:
+            server.busy_since = server.linked_since
         self._watch(client, EPOLLIN)
         try:
             self._watch(server, EPOLLIN)
@@ -262,6 +292,7 @@ cdef class Lane:
         side.fd = fd
         side.owner = owner
         side.server = server
+        side.last_active = self.now = _monotonic()
         return side
 
     cdef _watch(self, Side side, unsigned int events):
@@ -297,6 +328,7 @@ cdef class Lane:
         cdef int i
         cdef Side side
         self.wakeups += 1
+        self.now = _monotonic()
         try:
             for i in range(count):
                 side = <Side>ready_events[i].data.ptr
@@ -315,6 +347,7 @@ cdef class Lane:
         if got == 0:  # the transport sees the end of file again once it reads
             self._eject(side, b"", b"", EOF)
             return
+        side.last_active = self.now
         if side.queued:  # a request is waiting already: keep whatever else came
             pending.extend(read_buf[:got])
             return
@@ -371,11 +404,15 @@ cdef class Lane:
             if server is None:  # queue, and hear nothing more from it until served
                 client.pending = _keep(keep, data, 0, size)
                 client.queued = True
+                client.queued_since = self.now
                 self.waiting.append(client)
                 self._listen(client, 0)
                 return
             client.peer, server.peer = server, client
+            server.linked_since = self.now
         if pos:
+            if syncs and not server.outstanding:
+                server.busy_since = self.now
             server.outstanding += syncs
             client.bytes_forwarded += pos
             client.messages_forwarded += count
@@ -411,6 +448,9 @@ cdef class Lane:
                     break
                 server.outstanding -= 1
                 self.queries += 1
+                if server.outstanding == 0:
+                    self.query_time += self.now - server.busy_since
+                    server.busy_since = 0
                 if server.outstanding == 0 and data[pos + 5] == 73:  # 'I': transaction over
                     pos += 1 + length
                     count += 1
@@ -425,6 +465,8 @@ cdef class Lane:
                 return
         if done:
             self.transactions += 1
+            self.xact_time += self.now - server.linked_since
+            server.linked_since = 0
             client.peer = server.peer = None
             if pos < size:  # more after the end of the transaction: not ours to judge
                 self._eject(server, _bytes(data, pos, size), b"", UNSOLICITED)
@@ -465,7 +507,9 @@ cdef class Lane:
             if not client.active:
                 continue
             client.queued = False
+            self.wait_time += self.now - client.queued_since
             client.peer, server.peer = server, client
+            server.linked_since = self.now
             self._listen(client, EPOLLIN)
             pending, client.pending = client.pending, None
             self._from_client(client, pending, len(pending), pending)

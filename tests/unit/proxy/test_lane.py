@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -521,5 +522,43 @@ def test_session_check_refuses_what_the_session_tracker_would_look_at(words: lis
             else:
                 assert await r.receive(r.db, len(request)) == request
                 assert not r.ejects
+
+    run(main())
+
+
+def test_the_clocks_time_the_wait_the_query_and_the_transaction() -> None:
+    """Lower bounds only: the database takes 20 ms per query, so the lane's clocks
+    (time.monotonic()'s, for the sweep's timeouts and SHOW STATS) must see about that."""
+
+    async def main() -> None:
+        async with pool(clients=2, servers=1, delay=0.02) as (lane, apps, _, ejects):
+            start = time.monotonic()
+            first = asyncio.create_task(ask(apps[0], b"select 1"))
+            await asyncio.sleep(0.005)
+            assert await ask(apps[1], b"select 2") == answer(b"select 2")
+            await first
+            # two queries of 20 ms each (uvloop's timers have 1 ms granularity)
+            assert lane.query_time >= 0.035
+            assert lane.xact_time >= lane.query_time - 1e-3
+            assert lane.wait_time >= 0.01, "the second client waited for the first"
+            assert lane.xact_time <= time.monotonic() - start
+            assert not ejects
+
+    run(main())
+
+
+def test_a_side_knows_when_it_was_last_read_and_a_server_when_it_got_busy() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            before = time.monotonic()
+            await r.send(r.app, query("select 1"))
+            await r.receive(r.db, len(query("select 1")))
+            assert before <= r.client_side.last_active <= time.monotonic()
+            assert before <= r.server_side.busy_since <= time.monotonic()
+            assert r.server_side.linked_since <= before, "linked since it entered"
+            await r.send(r.db, RESPONSE + READY)
+            await r.receive(r.app, len(RESPONSE + READY))
+            await asyncio.sleep(0.005)
+            assert (r.server_side.busy_since, r.server_side.linked_since) == (0, 0)
 
     run(main())
