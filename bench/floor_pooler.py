@@ -22,10 +22,11 @@ target ``cfloor``: what a compiled data path inside a Python process could reach
 
 ``--lane`` runs the same pooler on millpond's own compiled lane (``millpond.proxy._lane``,
 docs/proxy-data-path.md): logins the same, then each logged-in client and each server
-connection enters the lane, which frames every message, counts what each server owes
-and runs the queue; a Terminate or an end of file ejects the client back to Python,
-which closes it. It is the target ``lane``: the lane's cost before it is wired into the
-proxy.
+connection enters the lane, which frames every message, runs the session tracker's
+first look on every Query (``session_check``, as the proxy will), counts what each server
+owes, keeps its clocks and runs the queue; a Terminate or an end of file ejects the
+client back to Python, which closes it. It is the target ``lane``: the lane's cost
+before it is wired into the proxy.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def serve_lane(pg_port: int, port: int, pool_size: int) -> None:
     logins = [log_in(pg_port) for _ in range(pool_size)]
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    lane = _lane.Lane(loop, lane_ejected, b"Q", b"123TDCInstNEZ")
+    lane = _lane.Lane(loop, lane_ejected, b"Q", b"123TDCInstNEZ", session_check=True)
     for sock, _ in logins:
         lane.add_server(sock, sock.fileno())
     welcome = logins[0][1]
