@@ -134,6 +134,7 @@ cdef class Side:
     cdef readonly bint server
     cdef readonly bint active
     cdef readonly bint queued  # a client waiting for a server (its request in pending)
+    cdef readonly bint muted  # a queued client that sent too much: not read until served
     cdef readonly long long outstanding  # a server's requests still to be answered
     cdef readonly long long bytes_forwarded
     cdef readonly long long messages_forwarded
@@ -147,6 +148,11 @@ cdef class Side:
     @property
     def linked(self):
         return self.peer is not None
+
+    @property
+    def buffered(self):
+        """Bytes read from it and not forwarded yet."""
+        return len(self.pending) if self.pending is not None else 0
 
     def __repr__(self):
         role = "server" if self.server else "client"
@@ -348,8 +354,11 @@ cdef class Lane:
             self._eject(side, b"", b"", EOF)
             return
         side.last_active = self.now
-        if side.queued:  # a request is waiting already: keep whatever else came
-            pending.extend(read_buf[:got])
+        if side.queued:  # a request is waiting already: keep whatever else came, but
+            pending.extend(read_buf[:got])  # stop reading a client that floods us
+            if len(pending) > self.max_message and not side.muted:
+                side.muted = True
+                self._listen(side, 0)
             return
         if pending is None:
             if side.server:
@@ -401,12 +410,11 @@ cdef class Lane:
                     client.pending = _keep(keep, data, 0, size)
                 return
             server = self._take()
-            if server is None:  # queue, and hear nothing more from it until served
+            if server is None:  # queue (still read: see _read)
                 client.pending = _keep(keep, data, 0, size)
                 client.queued = True
                 client.queued_since = self.now
                 self.waiting.append(client)
-                self._listen(client, 0)
                 return
             client.peer, server.peer = server, client
             server.linked_since = self.now
@@ -510,7 +518,9 @@ cdef class Lane:
             self.wait_time += self.now - client.queued_since
             client.peer, server.peer = server, client
             server.linked_since = self.now
-            self._listen(client, EPOLLIN)
+            if client.muted:
+                client.muted = False
+                self._listen(client, EPOLLIN)
             pending, client.pending = client.pending, None
             self._from_client(client, pending, len(pending), pending)
             return

@@ -361,8 +361,11 @@ class Ejects(list[Eject]):
 
 
 @asynccontextmanager
-async def pool(clients: int, servers: int, delay: float = 0.0) -> AsyncIterator[Any]:
-    """A lane with idle clients and free servers; yields (lane, apps, databases, ejects)."""
+async def pool(
+    clients: int, servers: int, delay: float = 0.0, sides: list[Any] | None = None
+) -> AsyncIterator[Any]:
+    """A lane with idle clients and free servers; yields (lane, apps, databases, ejects)
+    (and fills ``sides``, if given, with the clients' sides)."""
     loop = asyncio.get_running_loop()
     socks: list[socket.socket] = []
     ejects = Ejects()
@@ -385,7 +388,9 @@ async def pool(clients: int, servers: int, delay: float = 0.0) -> AsyncIterator[
         for i in range(clients):
             app, proxy_end = pair()
             apps.append(app)
-            lane.add_client(f"client {i}", proxy_end.fileno())
+            side = lane.add_client(f"client {i}", proxy_end.fileno())
+            if sides is not None:
+                sides.append(side)
         yield lane, apps, databases, ejects
     finally:
         lane.close()
@@ -560,5 +565,36 @@ def test_a_side_knows_when_it_was_last_read_and_a_server_when_it_got_busy() -> N
             await r.receive(r.app, len(RESPONSE + READY))
             await asyncio.sleep(0.005)
             assert (r.server_side.busy_since, r.server_side.linked_since) == (0, 0)
+
+    run(main())
+
+
+def test_a_queued_client_that_floods_is_not_read_until_served() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sides: list[Any] = []
+        async with pool(clients=2, servers=1, delay=0.05, sides=sides) as (_, apps, dbs, _e):
+            first = asyncio.create_task(ask(apps[0], b"select 0"))
+            await asyncio.sleep(0.01)
+            sqls = [b"select %d" % n for n in range(1, 8001)]  # ~130 KB of requests
+            flood = asyncio.create_task(
+                loop.sock_sendall(apps[1], b"".join(msg(b"Q", q + b"\x00") for q in sqls))
+            )
+            await asyncio.sleep(0.02)
+            queued = sides[1]
+            assert queued.queued
+            assert queued.muted, "it sent more than max_message while queued"
+            assert queued.buffered <= 65536 + 65536, "read at most one more buffer"
+            dbs[0].delay = 0.0  # the rest at full speed
+            await first
+            expected = b"".join(answer(q) for q in sqls)
+            got = b""
+            async with asyncio.timeout(30):
+                while len(got) < len(expected):
+                    got += await loop.sock_recv(apps[1], 1 << 20)
+            await flood
+            assert got == expected, "all of it served, in order, once served"
+            assert dbs[0].seen == [b"select 0", *sqls]
+            assert not queued.muted
 
     run(main())
