@@ -36,7 +36,7 @@ from collections import deque
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno
 
-from millpond.proxy.protocol._scan cimport _hint
+from millpond.proxy.protocol._scan cimport _hint, _length_at
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -106,8 +106,16 @@ BLOCKED = "blocked"  # a write would have blocked
 ASKED = "asked"  # Lane.eject() or Lane.close()
 
 
-cdef inline Py_ssize_t _length_at(const unsigned char *p) noexcept nogil:
-    return (<Py_ssize_t>p[0] << 24) | (<Py_ssize_t>p[1] << 16) | (<Py_ssize_t>p[2] << 8) | p[3]
+cdef inline Py_ssize_t _frame(const unsigned char *data, Py_ssize_t pos, Py_ssize_t size,
+                              const bint *allowed, Py_ssize_t limit) noexcept nogil:
+    """The size of the whole message at data[pos] (type byte included); 0 if it is not
+    all here yet, -1 if the lane may not forward it (type, bad or too long a length)."""
+    cdef Py_ssize_t length = _length_at(data + pos + 1)
+    if length < 4 or length + 1 > limit or not allowed[data[pos]]:
+        return -1
+    if pos + 1 + length > size:
+        return 0
+    return 1 + length
 
 
 cdef Py_ssize_t _send_all(int fd, const unsigned char *data, Py_ssize_t size) noexcept nogil:
@@ -376,30 +384,28 @@ cdef class Lane:
     cdef _from_client(self, Side client, const unsigned char *data, Py_ssize_t size,
                       object keep):
         """Whole requests to the client's server (taking one first if need be)."""
-        cdef Py_ssize_t pos = 0, length, count = 0, syncs = 0
+        cdef Py_ssize_t pos = 0, step, count = 0, syncs = 0
         cdef unsigned char kind
         cdef object reason = None
         cdef Side server = client.peer
         while pos + 5 <= size:
+            step = _frame(data, pos, size, self.client_ok, self.max_message)
+            if step <= 0:
+                reason = REFUSED if step < 0 else None
+                break  # refused, or incomplete: wait for the rest
             kind = data[pos]
-            length = _length_at(data + pos + 1)
-            if length < 4 or length + 1 > self.max_message or not self.client_ok[kind]:
-                reason = REFUSED
-                break
-            if pos + 1 + length > size:
-                break  # incomplete: wait for the rest
             if kind == 81:  # 'Q': one that may touch session state is Python's
-                if self.session_check and _hint(data + pos + 5, length - 4):
+                if self.session_check and _hint(data + pos + 5, step - 5):
                     reason = REFUSED
                     break
                 if self.query_ok is not None and not self.query_ok(
-                    PyBytes_FromStringAndSize(<char *>data + pos + 5, length - 4)
+                    PyBytes_FromStringAndSize(<char *>data + pos + 5, step - 5)
                 ):
                     reason = REFUSED
                     break
             if kind == 81 or kind == 83 or kind == 70:  # Q, Sync, FunctionCall: answered by Z
                 syncs += 1
-            pos += 1 + length
+            pos += step
             count += 1
         if server is None:
             if reason is not None:  # the whole request is Python's, or none of it
@@ -434,8 +440,7 @@ cdef class Lane:
     cdef _from_server(self, Side server, const unsigned char *data, Py_ssize_t size,
                       object keep):
         """Responses to the linked client; at the last ReadyForQuery, idle: release."""
-        cdef Py_ssize_t pos = 0, length, count = 0
-        cdef unsigned char kind
+        cdef Py_ssize_t pos = 0, step, count = 0
         cdef object reason = None
         cdef bint done = False
         cdef Side client = server.peer
@@ -443,15 +448,12 @@ cdef class Lane:
             self._eject(server, _bytes(data, 0, size), b"", UNSOLICITED)
             return
         while pos + 5 <= size:
-            kind = data[pos]
-            length = _length_at(data + pos + 1)
-            if length < 4 or length + 1 > self.max_message or not self.server_ok[kind]:
-                reason = REFUSED
+            step = _frame(data, pos, size, self.server_ok, self.max_message)
+            if step <= 0:
+                reason = REFUSED if step < 0 else None
                 break
-            if pos + 1 + length > size:
-                break
-            if kind == 90:  # 'Z'
-                if server.outstanding <= 0 or length != 5:
+            if data[pos] == 90:  # 'Z'
+                if server.outstanding <= 0 or step != 6:
                     reason = REFUSED  # not an answer to anything: Python's to judge
                     break
                 server.outstanding -= 1
@@ -459,13 +461,11 @@ cdef class Lane:
                 if server.outstanding == 0:
                     self.query_time += self.now - server.busy_since
                     server.busy_since = 0
-                if server.outstanding == 0 and data[pos + 5] == 73:  # 'I': transaction over
-                    pos += 1 + length
-                    count += 1
-                    done = True
-                    break
-            pos += 1 + length
+                    done = data[pos + 5] == 73  # 'I': the transaction is over
+            pos += step
             count += 1
+            if done:
+                break
         if pos:
             server.bytes_forwarded += pos
             server.messages_forwarded += count

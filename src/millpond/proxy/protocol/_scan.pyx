@@ -24,10 +24,6 @@ def set_error_factories(bad_length, bad_ready):
     _bad_ready = bad_ready
 
 
-cdef inline Py_ssize_t _length_at(const unsigned char* p) noexcept nogil:
-    return (<Py_ssize_t>p[0] << 24) | (<Py_ssize_t>p[1] << 16) | (<Py_ssize_t>p[2] << 8) | p[3]
-
-
 cdef tuple _walk(const unsigned char* buf, Py_ssize_t end, Py_ssize_t start,
                  Py_ssize_t limit, const unsigned char* stop, Py_ssize_t nstop):
     cdef Py_ssize_t pos = start, last = start, ready = -1, length, count = 0, i
