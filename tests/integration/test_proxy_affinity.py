@@ -5,7 +5,8 @@ The shortcut must be invisible: another client gets a kept server at once (no wa
 new connection), a kept server that dies or speaks up on its own is the pool's business
 and not the idle client's, a cancel request for an idle client reaches no server, and
 the admin console, PAUSE and the sweep's timeouts see the pool as PgBouncer would.
-Each test runs a proxy in this process, so it can look at the pool it drives.
+Each test runs a proxy in this process, so it can look at the pool it drives, with the
+compiled lane off (affinity is the Python path's shortcut; the lane replaces it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ from millpond.proxy.config import load_config
 from millpond.proxy.pools import ServerPool
 from millpond.proxy.server import Proxy
 from tests.helpers import run
-from tests.integration.test_proxy_admin import client, console, pool_row, running_proxy, show
+from tests.integration.test_proxy_admin import client, console, pool_row, show
+from tests.integration.test_proxy_admin import running_proxy as lane_proxy
+
+
+def running_proxy(pg_cluster: PostgresCluster, **overrides: Any) -> Any:
+    return lane_proxy(pg_cluster, **{"fast_lane": "0", **overrides})
 
 
 def the_pool(proxy: Proxy) -> ServerPool:
@@ -243,7 +249,7 @@ def test_reload_applies_affinity_and_pinning_to_running_pools(
             "[databases]\n"
             f"postgres = host=127.0.0.1 port={pg_cluster.port} dbname=postgres user=postgres\n"
             "[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = 0\nunix_socket_dir =\n"
-            f"auth_type = trust\npool_mode = transaction\n{extra}"
+            f"auth_type = trust\npool_mode = transaction\nfast_lane = 0\n{extra}"
         )
 
     async def main() -> None:

@@ -104,6 +104,7 @@ EOF = "eof"
 ERROR = "error"  # a socket error on read or write
 BLOCKED = "blocked"  # a write would have blocked
 ASKED = "asked"  # Lane.eject() or Lane.close()
+RETURNED = "returned"  # an idle server given back (Lane.give_back(), or owed_back)
 
 
 cdef inline Py_ssize_t _frame(const unsigned char *data, Py_ssize_t pos, Py_ssize_t size,
@@ -150,7 +151,8 @@ cdef class Side:
     cdef readonly double queued_since  # a queued client: since when
     cdef readonly double linked_since  # a server: when its transaction began (0: idle)
     cdef readonly double busy_since  # a server: since when it owes an answer (0: none)
-    cdef Side peer
+    cdef readonly unsigned char status  # a server: the last ReadyForQuery's status byte
+    cdef readonly Side peer  # the side it is linked to, if any
     cdef bytearray pending  # read, not forwarded yet: a partial message, or a queued request
 
     @property
@@ -195,6 +197,13 @@ cdef class Lane:
     cdef readonly double xact_time  # seconds servers spent linked, summed
     cdef readonly double query_time  # seconds servers spent owing answers, summed
     cdef readonly double wait_time  # seconds clients spent queued, summed
+    cdef readonly long long client_bytes  # forwarded from clients to servers
+    cdef readonly long long server_bytes  # forwarded from servers to clients
+    cdef readonly long long queue_length  # clients queued for a server
+    cdef public bint asking  # on_want was called and its answer is still to come
+    cdef public long long owed_back  # servers to give back at their next release
+    cdef object on_want
+    cdef bint serving  # inside on_ready
     cdef double now  # the clock, read once per wake-up
 
     def __cinit__(
@@ -207,6 +216,7 @@ cdef class Lane:
         bint session_check=False,
         query_ok=None,
         Py_ssize_t max_message=65536,
+        on_want=None,
     ):
         if session_check:  # its import gives _scan the words to look for
             import millpond.proxy.session  # noqa: F401
@@ -216,6 +226,7 @@ cdef class Lane:
         self.loop = loop
         self.on_eject = on_eject
         self.query_ok = query_ok
+        self.on_want = on_want
         self.session_check = session_check
         self.max_message = max_message
         self.members = set()
@@ -284,6 +295,22 @@ cdef class Lane:
         if side.active:
             self._eject(side, b"", b"", reason)
 
+    def sides(self):
+        """Every side in the lane (a new list)."""
+        return list(self.members)
+
+    def give_back(self, Py_ssize_t count=-1):
+        """Eject up to ``count`` idle servers (all if negative), each through on_eject
+        with the reason RETURNED; returns how many went."""
+        cdef Py_ssize_t done = 0
+        cdef Side server
+        while self.free and done != count:
+            server = self.free.pop()
+            if server.active:
+                self._eject(server, b"", b"", RETURNED)
+                done += 1
+        return done
+
     def close(self):
         """Eject everything, and leave the event loop."""
         if self.closed:
@@ -292,7 +319,8 @@ cdef class Lane:
         for side in list(self.members):
             if (<Side>side).active:
                 self._eject(side, b"", b"", ASKED)
-        self.ejected.clear()
+        if not self.serving:  # else on_ready's end lets them go
+            self.ejected.clear()
         self.free.clear()
         self.waiting.clear()
         self.loop.remove_reader(self.epfd)
@@ -306,6 +334,7 @@ cdef class Lane:
         side.fd = fd
         side.owner = owner
         side.server = server
+        side.status = 73  # 'I'
         side.last_active = self.now = _monotonic()
         return side
 
@@ -328,7 +357,9 @@ cdef class Lane:
     cdef _unwatch(self, Side side):
         if side.active:
             side.active = False
-            side.queued = False
+            if side.queued:
+                side.queued = False
+                self.queue_length -= 1
             if self.epfd >= 0:
                 epoll_ctl(self.epfd, EPOLL_CTL_DEL, side.fd, NULL)
             self.members.discard(side)
@@ -343,12 +374,14 @@ cdef class Lane:
         cdef Side side
         self.wakeups += 1
         self.now = _monotonic()
+        self.serving = True
         try:
             for i in range(count):
                 side = <Side>ready_events[i].data.ptr
                 if side.active:  # not ejected earlier in this wake-up
                     self._read(side)
         finally:
+            self.serving = False
             self.ejected.clear()
 
     cdef _read(self, Side side):
@@ -421,6 +454,10 @@ cdef class Lane:
                 client.queued = True
                 client.queued_since = self.now
                 self.waiting.append(client)
+                self.queue_length += 1
+                if not self.asking and self.on_want is not None:
+                    self.asking = True  # Python may lend another server
+                    self.on_want()
                 return
             client.peer, server.peer = server, client
             server.linked_since = self.now
@@ -430,6 +467,7 @@ cdef class Lane:
             server.outstanding += syncs
             client.bytes_forwarded += pos
             client.messages_forwarded += count
+            self.client_bytes += pos
             if not self._forward(client, server, data, pos, size):
                 return
         if reason is not None:
@@ -457,6 +495,7 @@ cdef class Lane:
                     reason = REFUSED  # not an answer to anything: Python's to judge
                     break
                 server.outstanding -= 1
+                server.status = data[pos + 5]
                 self.queries += 1
                 if server.outstanding == 0:
                     self.query_time += self.now - server.busy_since
@@ -469,6 +508,7 @@ cdef class Lane:
         if pos:
             server.bytes_forwarded += pos
             server.messages_forwarded += count
+            self.server_bytes += pos
             if not self._forward(server, client, data, pos, size):
                 return
         if done:
@@ -508,13 +548,19 @@ cdef class Lane:
         return None
 
     cdef _release(self, Side server):
-        """An idle server to the first queued client still here, or the free list."""
+        """An idle server to Python if it is owed one, else to the first queued client
+        still here, else to the free list."""
         cdef Side client
+        if self.owed_back > 0:
+            self.owed_back -= 1
+            self._eject(server, b"", b"", RETURNED)
+            return
         while self.waiting:
             client = self.waiting.popleft()
             if not client.active:
                 continue
             client.queued = False
+            self.queue_length -= 1
             self.wait_time += self.now - client.queued_since
             client.peer, server.peer = server, client
             server.linked_since = self.now

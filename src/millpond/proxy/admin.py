@@ -237,6 +237,7 @@ class AdminSession:
         """Run every command in one Query message, then say ReadyForQuery."""
         self._text = text
         self.proxy.release_kept()  # SHOW, PAUSE, KILL... see the pools as PgBouncer would
+        self.proxy.leave_lanes()  # and act on the Python path's state, the whole truth
         self._queue = deque(split_statements(text))
         self._single = len(self._queue) == 1
         if not self._queue:

@@ -91,7 +91,8 @@ class ServerConnection(asyncio.Protocol):
 
     __slots__ = (
         "_auth", "_error", "_on_internal_done", "_waiter", "applied", "backend_key",
-        "backend_pid", "budgets", "cancels", "client", "needs_reset", "outstanding",
+        "backend_pid", "budgets", "cancels", "client", "lane", "lane_side", "needs_reset",
+        "outstanding",
         "param_sig", "params", "reader", "rows", "state", "statements", "target", "transport",
         "tx_status"
     )  # fmt: skip
@@ -118,6 +119,8 @@ class ServerConnection(asyncio.Protocol):
         self.applied: dict[str, str] = {}  # settings clients SET here (transaction mode)
         self.needs_reset = False  # a pinned client left session state behind
         self.budgets: tuple[Budget, ...] = ()  # room taken in max_db/user_connections
+        self.lane: Any = None  # the PoolLane it is lent to, and its side there
+        self.lane_side: Any = None
 
     def __repr__(self) -> str:
         return (
@@ -268,6 +271,7 @@ class ServerConnection(asyncio.Protocol):
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once (a desync or a fatal error)."""
+        self.leave_lane()
         if self.state is not _CLOSED:
             log.debug("closing server connection %r: %s", self, reason)
         self._error = self._error or reason
@@ -276,6 +280,10 @@ class ServerConnection(asyncio.Protocol):
             self.transport.abort()
         self._finish_wait(ConnectionError(reason))
 
+    def leave_lane(self) -> None:
+        if self.lane_side is not None and self.lane is not None:
+            self.lane.leave(self.lane_side)
+
     def release_budgets(self) -> None:
         budgets, self.budgets = self.budgets, ()
         for budget in budgets:
@@ -283,6 +291,7 @@ class ServerConnection(asyncio.Protocol):
 
     def terminate(self) -> None:
         """Say goodbye politely (Terminate), then close."""
+        self.leave_lane()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(m.terminate())
             self.transport.close()

@@ -108,7 +108,9 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "_held", "_reading_paused", "_wait", "addr", "admin", "busy_since", "connect_time",
-        "database", "handshake", "keeps", "key", "last_active", "param_sig", "params", "pid",
+        "database", "handshake", "keeps", "key", "lane_backoff", "lane_side", "lane_skip",
+        "last_active", "param_sig",
+        "params", "pid",
         "pool", "proxy", "reader", "request_time", "rewriter", "server", "session", "slot",
         "state", "statements", "tls", "transport", "unsynced", "user", "welcomed"
     )  # fmt: skip
@@ -146,6 +148,8 @@ class ClientConnection(asyncio.Protocol):
         self.request_time = self.last_active
         self.busy_since = 0.0  # when the server started owing answers (query_timeout)
         self.welcomed = False  # logged in (client_login_timeout no longer applies)
+        self.lane_side: Any = None  # in the pool's compiled lane (see lane.py)
+        self.lane_backoff = self.lane_skip = 0  # transactions to skip the lane for
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.user}@{self.database} {self.state.value} {self.addr}>"
@@ -221,6 +225,14 @@ class ClientConnection(asyncio.Protocol):
                 self.admin.data_ready(self)
         elif self.reader.buffered:
             self._need_server()
+        elif self.pool is not None and self.pool.lane is not None:
+            self.pool.lane.admit(self)
+
+    def leave_lane(self) -> None:
+        """Out of the compiled lane, back to the Python path (a no-op if not in it)."""
+        side = self.lane_side
+        if side is not None and self.pool is not None and self.pool.lane is not None:
+            self.pool.lane.leave(side)
 
     # -- getting and giving back a server -----------------------------------------
 
@@ -256,6 +268,8 @@ class ClientConnection(asyncio.Protocol):
             slot = pool.take(now)
             if slot is None and pool.kept:
                 slot = pool.take_kept(now)  # one an idle client kept
+            if slot is None and pool.lane is not None and pool.lane.reclaim():
+                slot = pool.take(now)  # one the lane had free
             return slot
         except PoolClosed:
             self.fail("08P01", "pooler is shutting down")
@@ -541,6 +555,8 @@ class ClientConnection(asyncio.Protocol):
         self._unlink(now)
         if self.reader.buffered:
             self._need_server()
+        elif pool.lane is not None:
+            pool.lane.admit(self)
 
     def unkeep(self, now: float = 0.0) -> None:
         """Give back the server this idle client kept (another client, or housekeeping,
@@ -627,6 +643,7 @@ class ClientConnection(asyncio.Protocol):
 
     def fail(self, code: str, message: str) -> None:
         """Send an error to the client and close its connection (PgBouncer-style)."""
+        self.leave_lane()
         if self.proxy.config.settings.log_pooler_errors:
             log.warning(
                 "pooler error to %s@%s (%s): %s", self.user, self.database, self.addr, message
@@ -638,6 +655,7 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
+        self.leave_lane()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         self._closed()

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from time import monotonic
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from millpond.config import PoolConfig
 from millpond.errors import PoolClosed
@@ -22,6 +22,9 @@ from millpond.pool.state import CloseReason, Slot
 from millpond.proxy.backend import ServerDriver, ServerTarget
 from millpond.proxy.config import DatabaseEntry, ProxyConfig, UserEntry
 from millpond.proxy.tls import ServerTLS
+
+if TYPE_CHECKING:
+    from millpond.proxy.lane import PoolLane
 
 _FOREVER = 10 * 365 * 86400.0  # PgBouncer's "0 disables the timeout"
 
@@ -107,6 +110,8 @@ class ServerPool(Pool):
         #: the core's queue and counters, for the clients' hot path (the same objects)
         self.waiters = self._core.waiters
         self.lends = self._core.counters
+        #: the compiled lane (transaction mode, when built and enabled; see lane.py)
+        self.lane: PoolLane | None = None
 
     def start(self) -> None:
         """Open without waiting (prewarming to min_pool_size happens in the background)."""
@@ -144,17 +149,19 @@ class ServerPool(Pool):
         for client in list(self.kept):
             client.unkeep()
 
-    def wait(self, handoff: Handoff, now: float = 0.0) -> Waiter:
+    def wait(self, handoff: Handoff, now: float = 0.0, *, own: bool = False) -> Waiter:
         """Queue for a server connection, handed to ``handoff`` synchronously.
 
         No future, timer or extra loop iteration per wait: the proxy's sweep enforces
-        query_wait_timeout (see :meth:`expire`).
+        query_wait_timeout (see :meth:`expire`). ``own``: the lane's own request.
         """
         if self._closing:
             raise PoolClosed(f"pool {self.name!r} is closed")
         waiter = self._core.wait(handoff, now or monotonic())  # type: ignore[arg-type]
         if self._core.todo:
             self._flush()
+        if not own and self.lane is not None:
+            self.lane.owe()  # the lane gives a server back at its next release
         return waiter
 
     def cancel_wait(self, handle: Waiter) -> None:
@@ -190,6 +197,8 @@ class ServerPool(Pool):
     def reconnect(self) -> None:
         """Close idle server connections now, and lent ones when they come back."""
         self.release_kept()
+        if self.lane is not None:
+            self.lane.close()
         core = self._core
         for slot in core.slots.values():
             slot.retire = CloseReason.LIFETIME
@@ -200,6 +209,8 @@ class ServerPool(Pool):
     def reconfigure(self, mode: str, settings: dict[str, Any]) -> None:
         """New sizes and timeouts after a reload; connections adapt as they cycle."""
         self.release_kept()
+        if self.lane is not None:
+            self.lane.close()
         self.mode = mode
         self.rewrites = mode != "session" and self.server_driver.target.max_prepared > 0
         config = PoolConfig(**settings)

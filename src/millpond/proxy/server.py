@@ -25,6 +25,8 @@ from millpond.proxy.config import (
     load_config,
 )
 from millpond.proxy.frontend import ClientConnection, ClientState
+from millpond.proxy.lane import AVAILABLE as LANE_BUILT
+from millpond.proxy.lane import PoolLane, due
 from millpond.proxy.limits import Budget, Budgets
 from millpond.proxy.pools import (
     DirectWaiter,
@@ -168,6 +170,7 @@ class Proxy:
         """
         self.shutting_down = mode
         self.release_kept()
+        self.leave_lanes()
         for server in self.servers:
             server.close()
         loop = asyncio.get_running_loop()
@@ -192,23 +195,41 @@ class Proxy:
         state is what it would be without affinity: for SHOW, metrics, pause, shutdown."""
         for pool in self.pools.values():
             pool.release_kept()
+            if pool.lane is not None:
+                pool.lane.fold()  # its counters, for SHOW STATS and the metrics
+
+    def leave_lanes(self) -> None:
+        """Every client and server out of the compiled lanes (admin commands, pause,
+        shutdown): the Python path's state is then the whole truth."""
+        for pool in self.pools.values():
+            if pool.lane is not None:
+                pool.lane.close()
 
     def _sweep(self) -> None:
         """PgBouncer's timeouts and the reserve pool, checked twice a second."""
         self.release_kept()  # affinity lasts half a second at most: timeouts see the rest
         now = monotonic()
+        s = self.config.settings
         for pool in self.pools.values():
+            if pool.lane is not None:
+                pool.lane.sweep(now)
             if pool._core.waiters:
                 pool.use_reserve(now)
             else:
                 pool.drop_reserve()
         for client in list(self.clients):
+            side = client.lane_side
+            if side is not None:  # the lane's clocks say whether a timeout may be due
+                assert client.pool is not None
+                if not due(side, s, client.pool.config.acquire_timeout, now):
+                    continue
+                client.leave_lane()  # then the Python path's checks decide
             if client._wait is not None and client.pool is not None:
                 limit = client.pool.config.acquire_timeout  # query_wait_timeout
                 if now - client._wait.since > limit:
                     client.wait_expired()
                     continue
-            reason = _timed_out(client, self.config.settings, now)
+            reason = _timed_out(client, s, now)
             if reason is not None:
                 log.info("closing %r: %s", client, reason)
                 client.fail("08P01", reason)
@@ -365,7 +386,7 @@ class Proxy:
             **pool_settings(config, db, user_entry),
         )
         pool.paused = self.paused or database in self.paused_databases
-        _set_policies(pool, db, s)
+        _set_policies(pool, db, s, self)
         pool.reserve = _reserve_size(db, user_entry, s.reserve_pool_size)
         pool.reserve_timeout = s.reserve_pool_timeout
         pool.start()
@@ -395,6 +416,8 @@ class Proxy:
 
     def cancel(self, request: CancelRequest) -> None:
         client = self.by_key.get((request.pid, request.secret))
+        if client is not None:
+            client.leave_lane()  # its server, if it has one, is then client.server
         if client is None or client.server is None or client.keeps:
             return  # nothing running for that key: like PostgreSQL, say nothing
         server = client.server
@@ -464,7 +487,7 @@ class Proxy:
             pool.reconfigure(
                 pool_mode(new, db, new.users.get(user)), pool_settings(new, db, new.users.get(user))
             )
-            _set_policies(pool, db, new.settings)
+            _set_policies(pool, db, new.settings, self)
 
     def reconnect(self, database: str | None = None) -> None:
         for (db, _user), pool in self.pools.items():
@@ -476,6 +499,7 @@ class Proxy:
         for pool in self.pools.values():
             pool.paused = True
         self.release_kept()
+        self.leave_lanes()
 
     def resume(self) -> None:
         self.paused = False
@@ -493,12 +517,24 @@ def _tracked(extra: tuple[str, ...]) -> frozenset[str]:
     return frozenset(TRACKED_PARAMS) | frozenset(extra)
 
 
-def _set_policies(pool: ServerPool, db: DatabaseEntry, s: ProxySettings) -> None:
+def _set_policies(pool: ServerPool, db: DatabaseEntry, s: ProxySettings, proxy: Proxy) -> None:
     """The pool's millpond-only behaviours, from the settings (at creation and reload)."""
     pool.session_pinning = db.session_pinning or s.session_pinning
+    lane = (
+        s.fast_lane
+        and LANE_BUILT
+        and pool.mode == "transaction"
+        and pool.server_driver.target.tls.sslmode in ("disable", "allow", "prefer")
+    )
+    if not lane and pool.lane is not None:
+        pool.lane.close()
+        pool.lane = None
+    elif lane and pool.lane is None:
+        pool.lane = PoolLane(proxy, pool)
     # affinity skips the release, so not where every release must run a query
     pool.affinity = (
-        s.server_affinity
+        pool.lane is None  # the lane does better: no client keeps a server there
+        and s.server_affinity
         and pool.mode != "session"
         and not s.server_reset_query_always
         and s.server_check_delay > 0

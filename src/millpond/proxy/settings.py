@@ -360,6 +360,9 @@ class ProxySettings:
     # millpond: in transaction/statement mode an idle client keeps its last server
     # connection until another client needs it (saves the release and the next take)
     server_affinity: bool = _bool(True)
+    # millpond: serve transaction mode's simple queries in the compiled lane
+    # (docs/proxy-data-path.md); 0 keeps every client on the Python path
+    fast_lane: bool = _bool(True)
 
     def __post_init__(self) -> None:
         _normalize_fields(self)

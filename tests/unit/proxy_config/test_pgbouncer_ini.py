@@ -271,6 +271,7 @@ PGBOUNCER_DEFAULTS: dict[str, object] = {
     "stats_listen_addr": None, "stats_listen_port": None,
     "session_pinning": "pin",  # millpond
     "server_affinity": True,  # millpond
+    "fast_lane": True,  # millpond
 }  # fmt: skip
 
 
