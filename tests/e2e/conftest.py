@@ -1,7 +1,9 @@
 """End-to-end fixtures: a real ``millpond proxy`` process in front of a real PostgreSQL.
 
 The proxy is started the way users start it: ``millpond proxy pgbouncer.ini``, with an
-ini file written in PgBouncer's format.
+ini file written in PgBouncer's format. Every test runs twice: with the compiled lane
+(``fast_lane = 1``, the default) and with the Python path alone (``fast_lane = 0``), so
+each behaviour is checked on both (docs/proxy-data-path.md).
 """
 
 from __future__ import annotations
@@ -100,8 +102,14 @@ def start_proxy_process(ini: Path, port: int, log: Path) -> ProxyProcess:
 ProxyFactory = Callable[..., ProxyProcess]
 
 
+@pytest.fixture(scope="module", params=["lane", "python"])
+def data_path(request: pytest.FixtureRequest) -> str:
+    """Which data path the proxies of this run use: the compiled lane, or Python's."""
+    return str(request.param)
+
+
 @pytest.fixture
-def proxy_factory(pg_cluster: PostgresCluster) -> Iterator[ProxyFactory]:
+def proxy_factory(pg_cluster: PostgresCluster, data_path: str) -> Iterator[ProxyFactory]:
     """Start proxies with given [pgbouncer] settings; all are stopped after the test."""
     made: list[ProxyProcess] = []
     tmp = Path(tempfile.mkdtemp(prefix="millpond-proxy-"))
@@ -109,6 +117,7 @@ def proxy_factory(pg_cluster: PostgresCluster) -> Iterator[ProxyFactory]:
     def factory(databases: str | None = None, **settings: str) -> ProxyProcess:
         port = free_port()
         ini = tmp / f"pgbouncer-{port}.ini"
+        settings = {"fast_lane": str(int(data_path == "lane")), **settings}
         write_ini(ini, pg_cluster, port, settings, databases)
         proxy = start_proxy_process(ini, port, tmp / f"proxy-{port}.log")
         made.append(proxy)
@@ -121,11 +130,12 @@ def proxy_factory(pg_cluster: PostgresCluster) -> Iterator[ProxyFactory]:
 
 
 @pytest.fixture(scope="module")
-def tx_proxy(pg_cluster: PostgresCluster) -> Iterator[ProxyProcess]:
+def tx_proxy(pg_cluster: PostgresCluster, data_path: str) -> Iterator[ProxyProcess]:
     """A transaction-mode proxy shared by a module."""
     tmp = Path(tempfile.mkdtemp(prefix="millpond-proxy-"))
     port = free_port()
-    write_ini(tmp / "pgbouncer.ini", pg_cluster, port, {})
+    settings = {"fast_lane": str(int(data_path == "lane"))}
+    write_ini(tmp / "pgbouncer.ini", pg_cluster, port, settings)
     proxy = start_proxy_process(tmp / "pgbouncer.ini", port, tmp / "proxy.log")
     yield proxy
     proxy.stop()
