@@ -105,7 +105,6 @@ def test_a_transaction_across_queries_keeps_its_server(pg_cluster: PostgresClust
     async def main() -> None:
         async with running_proxy(pg_cluster, default_pool_size="2") as proxy:
             a, b = await simple(proxy), await simple(proxy)
-            await a.execute("CREATE TEMP TABLE IF NOT EXISTS nothing (x int)")  # warm up
             await a.execute("DROP TABLE IF EXISTS lane_tx")
             await a.execute("CREATE TABLE lane_tx (x int)")
             await a.execute("BEGIN")
@@ -114,6 +113,7 @@ def test_a_transaction_across_queries_keeps_its_server(pg_cluster: PostgresClust
             assert await value(b, "SELECT count(*) FROM lane_tx") == 0  # not committed
             assert await value(a, "SELECT pg_backend_pid()") == pid
             assert await value(a, "SELECT count(*) FROM lane_tx") == 1
+            assert any(c.lane_side is not None and c.lane_side.linked for c in proxy.clients)
             await a.execute("COMMIT")
             assert await value(b, "SELECT count(*) FROM lane_tx") == 1
             await a.execute("DROP TABLE lane_tx")
@@ -184,14 +184,15 @@ def test_a_client_dying_mid_transaction_leaves_no_trace(pg_cluster: PostgresClus
             a = await simple(proxy)
             assert await value(a, "SELECT 1") == 1
             await a.execute("BEGIN")
-            await a.execute("CREATE TEMP TABLE lane_dead (x int)")
+            await a.execute("CREATE TABLE lane_dead (x int)")
             pid = await value(a, "SELECT pg_backend_pid()")
+            assert [c.lane_side.linked for c in proxy.clients if c.lane_side] == [True]
             a.pgconn.finish()  # the socket closes under the lane, mid-transaction
             await a.close()
             b = await simple(proxy)
             for _ in range(3):  # the one server is a new one, outside any transaction
                 assert await value(b, "SELECT pg_backend_pid()") != pid
-                assert await value(b, "SELECT to_regclass('pg_temp.lane_dead')") is None
+                assert await value(b, "SELECT to_regclass('lane_dead')") is None  # rolled back
             gone = False
             for _ in range(50):  # the old server process ends (closed, not pooled)
                 sql = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"

@@ -27,8 +27,9 @@ the bytes owed to it (to write to its transport first), and the requests the ser
 still owes answers for; not a byte is lost or reordered. The lane never guesses: when in
 doubt it ejects.
 
-Not used by the proxy yet (the next stage wires it in); the proxy runs without it when
-the extension is not built.
+The proxy's side of it (who enters, which servers it borrows from the pool core, the
+eject handler) is millpond/proxy/lane.py; the proxy runs without it when the extension
+is not built or ``fast_lane = 0``.
 """
 
 from collections import deque
