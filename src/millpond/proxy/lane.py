@@ -182,8 +182,8 @@ class PoolLane:
                 return
             self._lend(slot)
             lane = self.lane
-        if lane is not None and self.ask is None:
-            lane.asking = False
+        if lane is not None:
+            lane.asking = self.ask is not None  # else on_want when the next one queues
 
     def _handed(self, slot: Slot) -> None:
         self.ask = self._ask_handle = None
@@ -371,13 +371,15 @@ class PoolLane:
         if lane is None:
             return
         self.fold()
-        if not lane.queue_length:
-            self._stop_asking()
+        # out of the core's queue: the next client to queue asks again, so the core
+        # never sees the lane as one waiter older than reserve_pool_timeout
+        self._stop_asking()
         lane.give_back()
         for server, slot in list(self.lent.items()):
             side = server.lane_side
             if side is not None and not self.pool.keepable(slot, now):
                 lane.eject(side)
+        self._ask()  # for the clients queued now, with a fresh place in the queue
         self.owe()
 
     def close(self) -> None:
@@ -393,11 +395,15 @@ class PoolLane:
         self.lent.clear()
 
 
-def due(side: Side, s: ProxySettings, wait_limit: float, now: float) -> bool:
-    """Might a timeout apply to this lane client? (Then the sweep ejects it, and the
-    Python path's own checks decide with the clocks the eject handed over.)"""
+def due(side: Side, s: ProxySettings, pool: ServerPool, now: float) -> bool:
+    """Might a timeout apply to this lane client, or has it waited long enough for the
+    reserve pool? (Then the sweep ejects it, and the Python path decides, with the
+    clocks the eject handed over.)"""
     if side.queued:
-        return now - side.queued_since > wait_limit
+        limit = pool.config.acquire_timeout  # query_wait_timeout
+        if pool.reserve:
+            limit = min(limit, pool.reserve_timeout)
+        return now - side.queued_since > limit
     peer = side.peer
     if peer is None:
         limit = s.client_idle_timeout

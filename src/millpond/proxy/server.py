@@ -221,7 +221,7 @@ class Proxy:
             side = client.lane_side
             if side is not None:  # the lane's clocks say whether a timeout may be due
                 assert client.pool is not None
-                if not due(side, s, client.pool.config.acquire_timeout, now):
+                if not due(side, s, client.pool, now):
                     continue
                 client.leave_lane()  # then the Python path's checks decide
             if client._wait is not None and client.pool is not None:
@@ -525,6 +525,8 @@ def _set_policies(pool: ServerPool, db: DatabaseEntry, s: ProxySettings, proxy: 
         and LANE_BUILT
         and pool.mode == "transaction"
         and pool.server_driver.target.tls.sslmode in ("disable", "allow", "prefer")
+        and not s.server_reset_query_always  # every release must run a query then,
+        and s.server_check_delay > 0  # or every take
     )
     if not lane and pool.lane is not None:
         pool.lane.close()
