@@ -362,7 +362,11 @@ class Ejects(list[Eject]):
 
 @asynccontextmanager
 async def pool(
-    clients: int, servers: int, delay: float = 0.0, sides: list[Any] | None = None
+    clients: int,
+    servers: int,
+    delay: float = 0.0,
+    sides: list[Any] | None = None,
+    **options: Any,
 ) -> AsyncIterator[Any]:
     """A lane with idle clients and free servers; yields (lane, apps, databases, ejects)
     (and fills ``sides``, if given, with the clients' sides)."""
@@ -377,7 +381,7 @@ async def pool(
             socks.append(sock)
         return outer, inner
 
-    lane = _lane.Lane(loop, ejects, CLIENT_TYPES, SERVER_TYPES)
+    lane = _lane.Lane(loop, ejects, CLIENT_TYPES, SERVER_TYPES, **options)
     databases: list[Database] = []
     try:
         for i in range(servers):
@@ -424,6 +428,55 @@ def test_clients_queue_for_the_one_server_first_come_first_served() -> None:
             assert dbs[0].seen == [b"select 0", b"select 1", b"select 2"]
             assert (lane.transactions, lane.free_servers, lane.queued_clients) == (3, 1, 0)
             assert not ejects
+
+    run(main())
+
+
+def test_the_lane_asks_once_for_servers_and_gives_back_what_it_owes() -> None:
+    """on_want when a client queues with no server free (once, until Python answers),
+    owed_back: the next release goes back to Python instead of to the queue, give_back:
+    free servers back on demand; each side knows its peer and its last status."""
+
+    async def main() -> None:
+        wants: list[int] = []
+        async with pool(clients=3, servers=1, delay=0.05, on_want=lambda: wants.append(1)) as (
+            lane, apps, _dbs, ejects,
+        ):  # fmt: skip
+            a = asyncio.create_task(ask(apps[0], b"BEGIN"))
+            await asyncio.sleep(0.01)
+            b = asyncio.create_task(ask(apps[1], b"select 1"))
+            c = asyncio.create_task(ask(apps[2], b"select 2"))
+            await asyncio.sleep(0.01)
+            assert (wants, lane.asking, lane.queue_length) == ([1], True, 2)
+            assert await a == answer(b"BEGIN", b"T")
+            linked = [s for s in lane.sides() if s.server and s.peer is not None]
+            assert [s.status for s in linked] == [ord("T")]
+            assert linked[0].peer.peer is linked[0]
+            lane.owed_back = 1
+            await asyncio.sleep(0.01)
+            await asyncio.get_running_loop().sock_sendall(apps[0], query("COMMIT"))
+            eject = await ejects.first()
+            assert (eject.client, eject.server, eject.reason) == (None, "server 0", _lane.RETURNED)
+            assert (lane.owed_back, lane.queue_length, lane.free_servers) == (0, 2, 0)
+            db, proxy_end = socket.socketpair()  # Python answers on_want: another server
+            try:
+                for sock in (db, proxy_end):
+                    sock.setblocking(False)
+                database = Database(db)
+                lane.asking = False
+                lane.add_server("server 1", proxy_end.fileno())
+                assert await b == answer(b"select 1")
+                assert await c == answer(b"select 2")
+                assert (lane.queue_length, lane.free_servers, wants) == (0, 1, [1])
+                assert lane.give_back() == 1
+                assert [(e.server, e.reason) for e in ejects[1:]] == [
+                    ("server 1", _lane.RETURNED)
+                ]
+                assert lane.free_servers == 0
+            finally:
+                database.task.cancel()
+                db.close()
+                proxy_end.close()
 
     run(main())
 
