@@ -469,9 +469,7 @@ def test_the_lane_asks_once_for_servers_and_gives_back_what_it_owes() -> None:
                 assert await c == answer(b"select 2")
                 assert (lane.queue_length, lane.free_servers, wants) == (0, 1, [1])
                 assert lane.give_back() == 1
-                assert [(e.server, e.reason) for e in ejects[1:]] == [
-                    ("server 1", _lane.RETURNED)
-                ]
+                assert [(e.server, e.reason) for e in ejects[1:]] == [("server 1", _lane.RETURNED)]
                 assert lane.free_servers == 0
             finally:
                 database.task.cancel()
