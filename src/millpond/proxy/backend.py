@@ -92,9 +92,8 @@ class ServerConnection(asyncio.Protocol):
     __slots__ = (
         "_auth", "_error", "_on_internal_done", "_waiter", "applied", "backend_key",
         "backend_pid", "budgets", "cancels", "client", "lane", "lane_side", "needs_reset",
-        "outstanding",
-        "param_sig", "params", "reader", "rows", "state", "statements", "target", "transport",
-        "tx_status"
+        "outstanding", "param_sig", "params", "reader", "rows", "state", "statements",
+        "target", "transport", "tx_status"
     )  # fmt: skip
 
     def __init__(self, target: ServerTarget, scram_keys: tuple[bytes, bytes] | None = None) -> None:

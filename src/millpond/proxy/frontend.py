@@ -109,10 +109,9 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_held", "_reading_paused", "_wait", "addr", "admin", "busy_since", "connect_time",
         "database", "handshake", "keeps", "key", "lane_backoff", "lane_side", "lane_skip",
-        "last_active", "param_sig",
-        "params", "pid",
-        "pool", "proxy", "reader", "request_time", "rewriter", "server", "session", "slot",
-        "state", "statements", "tls", "transport", "unsynced", "user", "welcomed"
+        "last_active", "param_sig", "params", "pid", "pool", "proxy", "reader",
+        "request_time", "rewriter", "server", "session", "slot", "state", "statements",
+        "tls", "transport", "unsynced", "user", "welcomed"
     )  # fmt: skip
 
     def __init__(self, proxy: Proxy) -> None:

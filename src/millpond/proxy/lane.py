@@ -34,8 +34,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from millpond.errors import PoolClosed
+from millpond.pool.core import Release
 from millpond.pool.state import Slot
-from millpond.proxy.backend import ServerConnection, ServerState
+from millpond.proxy.backend import ServerConnection
 from millpond.proxy.pools import DirectWaiter
 from millpond.proxy.protocol import messages as m
 
@@ -69,7 +70,6 @@ MAX_MESSAGE = 65536
 REFUSED = _lane.REFUSED if _lane is not None else "refused"
 
 _STATUS = {c: bytes([c]) for c in b"IETX"}
-_IDLE = ServerState.IDLE
 
 
 def _fileno(transport: Any) -> int:
@@ -197,9 +197,19 @@ class PoolLane:
         lane = self.lane
         if lane is not None:
             lane.asking = False
-            for side in lane.sides():
-                if side.queued:
-                    lane.eject(side)
+            self._eject_queued()
+
+    def _eject_queued(self, count: int = -1) -> None:
+        """Up to ``count`` queued clients (all if negative) to the Python path."""
+        lane = self.lane
+        if lane is None:
+            return
+        for side in lane.sides():
+            if not count:
+                return
+            if side.queued:
+                lane.eject(side)
+                count -= 1
 
     def _stop_asking(self) -> None:
         if self._ask_handle is not None:
@@ -216,16 +226,10 @@ class PoolLane:
             lane is None
             or lane.closed
             or not lane.queue_length
-            or server.state is not _IDLE
-            or transport is None
-            or transport.is_closing()
+            or self.pool.server_driver.verdict(server) is not Release.CLEAN
+            or transport is None  # (verdict said no already: for the type checker)
             or transport.get_write_buffer_size()
-            or server.reader.buffered
-            or server.outstanding
-            or server.tx_status != m.TX_IDLE
-            or server.statements.pending
             or server.statements.skip_z
-            or server.needs_reset
             or server.cancels
             or server.client is not None
         ):
@@ -242,10 +246,7 @@ class PoolLane:
             # not set up as the lane's clients expect: the Python path aligns it for a
             # queued client, and the lane may borrow it once it is back
             self.pool.give(slot)
-            for side in lane.sides():
-                if side.queued:
-                    lane.eject(side)
-                    break
+            self._eject_queued(1)
             return
         fd = _fileno(transport)
         transport.pause_reading()

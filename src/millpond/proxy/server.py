@@ -520,26 +520,25 @@ def _tracked(extra: tuple[str, ...]) -> frozenset[str]:
 def _set_policies(pool: ServerPool, db: DatabaseEntry, s: ProxySettings, proxy: Proxy) -> None:
     """The pool's millpond-only behaviours, from the settings (at creation and reload)."""
     pool.session_pinning = db.session_pinning or s.session_pinning
+    # the lane and affinity skip the release and the take: not where those run a query
+    queryless = not s.server_reset_query_always and s.server_check_delay > 0
     lane = (
         s.fast_lane
         and LANE_BUILT
+        and queryless
         and pool.mode == "transaction"
         and pool.server_driver.target.tls.sslmode in ("disable", "allow", "prefer")
-        and not s.server_reset_query_always  # every release must run a query then,
-        and s.server_check_delay > 0  # or every take
     )
     if not lane and pool.lane is not None:
         pool.lane.close()
         pool.lane = None
     elif lane and pool.lane is None:
         pool.lane = PoolLane(proxy, pool)
-    # affinity skips the release, so not where every release must run a query
     pool.affinity = (
         pool.lane is None  # the lane does better: no client keeps a server there
         and s.server_affinity
+        and queryless
         and pool.mode != "session"
-        and not s.server_reset_query_always
-        and s.server_check_delay > 0
     )  # a reload's ServerPool.reconfigure gave every kept server back already
 
 
