@@ -124,6 +124,7 @@ async def setup(
         "postgresql://bench@127.0.0.1:1/bench",
         pool_mode="transaction",
         auth_type="trust",
+        fast_lane=False,  # the Python path's cost; the lane needs real sockets
     )
     proxy = Proxy(config)
     pool = proxy.pool_for("bench", "bench")

@@ -102,6 +102,13 @@ def start_proxy_process(ini: Path, port: int, log: Path) -> ProxyProcess:
 ProxyFactory = Callable[..., ProxyProcess]
 
 
+def _path_settings(data_path: str) -> dict[str, str]:
+    """The lane with the door (which wants no per-login log lines), or Python only."""
+    if data_path == "lane":
+        return {"fast_lane": "1", "log_connections": "0", "log_disconnections": "0"}
+    return {"fast_lane": "0"}
+
+
 @pytest.fixture(scope="module", params=["lane", "python"])
 def data_path(request: pytest.FixtureRequest) -> str:
     """Which data path the proxies of this run use: the compiled lane, or Python's."""
@@ -117,7 +124,7 @@ def proxy_factory(pg_cluster: PostgresCluster, data_path: str) -> Iterator[Proxy
     def factory(databases: str | None = None, **settings: str) -> ProxyProcess:
         port = free_port()
         ini = tmp / f"pgbouncer-{port}.ini"
-        settings = {"fast_lane": str(int(data_path == "lane")), **settings}
+        settings = {**_path_settings(data_path), **settings}
         write_ini(ini, pg_cluster, port, settings, databases)
         proxy = start_proxy_process(ini, port, tmp / f"proxy-{port}.log")
         made.append(proxy)
@@ -134,8 +141,7 @@ def tx_proxy(pg_cluster: PostgresCluster, data_path: str) -> Iterator[ProxyProce
     """A transaction-mode proxy shared by a module."""
     tmp = Path(tempfile.mkdtemp(prefix="millpond-proxy-"))
     port = free_port()
-    settings = {"fast_lane": str(int(data_path == "lane"))}
-    write_ini(tmp / "pgbouncer.ini", pg_cluster, port, settings)
+    write_ini(tmp / "pgbouncer.ini", pg_cluster, port, _path_settings(data_path))
     proxy = start_proxy_process(tmp / "pgbouncer.ini", port, tmp / "proxy.log")
     yield proxy
     proxy.stop()

@@ -134,7 +134,10 @@ def test_auth_query_finds_secrets_in_the_database(
 def test_application_name_add_host_and_logfile(proxy_factory: ProxyFactory, tmp_path: Path) -> None:
     logfile = tmp_path / "proxy.log"
     proxy = proxy_factory(
-        application_name_add_host="1", logfile=str(logfile), default_pool_size="1"
+        application_name_add_host="1",
+        logfile=str(logfile),
+        default_pool_size="1",
+        log_connections="1",
     )
 
     async def main() -> None:

@@ -30,12 +30,16 @@ doubt it ejects.
 The proxy's side of it (who enters, which servers it borrows from the pool core, the
 eject handler) is millpond/proxy/lane.py; the proxy runs without it when the extension
 is not built or ``fast_lane = 0``.
+
+The :class:`Door` at the end of this file accepts the proxy's connections and answers
+logins it has seen before in C; its clients enter a lane as *guests*, with no Python
+object until one is needed (millpond/proxy/door.py).
 """
 
 from collections import deque
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, ECONNABORTED, EINTR, errno
 
 from millpond.proxy.protocol._scan cimport _hint, _length_at
 
@@ -63,9 +67,31 @@ cdef extern from "<sys/epoll.h>" nogil:
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
+    int accept4(int fd, void *addr, void *addrlen, int flags)
+    int setsockopt(int fd, int level, int name, const void *value, unsigned int size)
     enum:
         MSG_NOSIGNAL
         MSG_DONTWAIT
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_TCP
+
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+
+cdef extern from "<sys/random.h>" nogil:
+    ssize_t getrandom(void *buf, size_t n, unsigned int flags)
+
+
+cdef extern from "<string.h>" nogil:
+    void *memcpy(void *dest, const void *src, size_t n)
 
 
 cdef extern from "<unistd.h>" nogil:
@@ -142,6 +168,7 @@ cdef class Side:
     cdef readonly int fd
     cdef readonly object owner
     cdef readonly bint server
+    cdef readonly bint guest  # a client the Door let in: its owner is a Guest
     cdef readonly bint active
     cdef readonly bint queued  # a client waiting for a server (its request in pending)
     cdef readonly bint muted  # a queued client that sent too much: not read until served
@@ -201,6 +228,7 @@ cdef class Lane:
     cdef readonly long long client_bytes  # forwarded from clients to servers
     cdef readonly long long server_bytes  # forwarded from servers to clients
     cdef readonly long long queue_length  # clients queued for a server
+    cdef readonly long long dropped  # guests that left from the lane, closed in C
     cdef public bint asking  # on_want was called and its answer is still to come
     cdef public long long owed_back  # servers to give back at their next release
     cdef object on_want
@@ -263,6 +291,23 @@ cdef class Lane:
         client = self._side(owner, fd, False)
         self._watch(client, EPOLLIN)
         return client
+
+    cdef Side _add_guest(self, Guest guest):
+        """A client the Door welcomed enters, idle (its fd is the lane's to close)."""
+        cdef Side client = self._side(guest, guest.fd, False)
+        client.guest = True
+        self._watch(client, EPOLLIN)
+        guest.side = client
+        return client
+
+    cdef _drop(self, Side client):
+        """A guest that left (Terminate, end of file, an error) while idle: closed in C,
+        never having been Python's."""
+        cdef Guest guest = <Guest>client.owner
+        self._unwatch(client, True)
+        guest.door._forget(guest)
+        close(client.fd)
+        self.dropped += 1
 
     def add_server(self, owner, int fd):
         """An idle server connection lent to the lane enters its free list (served to
@@ -355,13 +400,13 @@ cdef class Lane:
         event.data.ptr = <void *>side
         epoll_ctl(self.epfd, EPOLL_CTL_MOD, side.fd, &event)
 
-    cdef _unwatch(self, Side side):
+    cdef _unwatch(self, Side side, bint closing=False):
         if side.active:
             side.active = False
             if side.queued:
                 side.queued = False
                 self.queue_length -= 1
-            if self.epfd >= 0:
+            if self.epfd >= 0 and not closing:  # closing it takes it out of the set
                 epoll_ctl(self.epfd, EPOLL_CTL_DEL, side.fd, NULL)
             self.members.discard(side)
             self.ejected.append(side)  # alive until the end of this wake-up
@@ -390,10 +435,16 @@ cdef class Lane:
         cdef bytearray pending = side.pending
         if got < 0:
             if errno != EAGAIN and errno != EINTR:
-                self._eject(side, b"", b"", ERROR)
+                if side.guest and side.peer is None:
+                    self._drop(side)
+                else:
+                    self._eject(side, b"", b"", ERROR)
             return
         if got == 0:  # the transport sees the end of file again once it reads
-            self._eject(side, b"", b"", EOF)
+            if side.guest and side.peer is None:
+                self._drop(side)  # a guest without a server: nothing to clean up
+            else:
+                self._eject(side, b"", b"", EOF)
             return
         side.last_active = self.now
         if side.queued:  # a request is waiting already: keep whatever else came, but
@@ -443,6 +494,9 @@ cdef class Lane:
             count += 1
         if server is None:
             if reason is not None:  # the whole request is Python's, or none of it
+                if client.guest and pos == 0 and data[0] == 88 and size == 5:
+                    self._drop(client)  # a guest's Terminate, nothing else: goodbye
+                    return
                 self._eject(client, _bytes(data, 0, size), b"", reason)
                 return
             if pos == 0:
@@ -598,6 +652,8 @@ cdef class Lane:
             client_unread, server_owed = unread, owed_to_peer
             if peer is not None:
                 server_unread = peer_unread
+        if client is not None and client.guest:  # its fd is Python's from now on
+            (<Guest>client.owner).door._forget(<Guest>client.owner)
         self.on_eject(
             client.owner if client is not None else None, client_unread, client_owed,
             server.owner if server is not None else None, server_unread, server_owed,
@@ -619,3 +675,346 @@ cdef inline bytearray _keep(object keep, const unsigned char *data, Py_ssize_t s
     if start:
         del kept[:start]
     return kept
+
+
+# -- the door: logins in C ---------------------------------------------------------
+
+cdef enum:
+    SSL_REQUEST_CODE = 80877103
+    PROTOCOL_3 = 196608
+    MAX_STARTUP = 10000  # PgBouncer's limit on a startup packet
+    MAX_WELCOME = 16384
+    KEY_BLOCK = 4096
+    ACCEPTS_PER_WAKEUP = 64
+
+cdef unsigned char welcome_buf[MAX_WELCOME + 32]
+cdef unsigned char key_block[KEY_BLOCK]
+cdef Py_ssize_t key_used = KEY_BLOCK
+
+
+cdef inline unsigned int _be32(const unsigned char *p) noexcept nogil:
+    return (<unsigned int>p[0] << 24) | (<unsigned int>p[1] << 16) | (<unsigned int>p[2] << 8) | p[3]
+
+
+cdef inline void _put32(unsigned char *p, unsigned int v) noexcept nogil:
+    p[0] = (v >> 24) & 255
+    p[1] = (v >> 16) & 255
+    p[2] = (v >> 8) & 255
+    p[3] = v & 255
+
+
+cdef unsigned int _random32() except? 0:
+    """4 bytes from the OS's CSPRNG, read 4 KiB at a time (the cancel keys)."""
+    global key_used
+    cdef ssize_t got
+    if key_used + 4 > KEY_BLOCK:
+        got = getrandom(key_block, KEY_BLOCK, 0)
+        if got != KEY_BLOCK:
+            raise OSError(errno, "getrandom failed")
+        key_used = 0
+    key_used += 4
+    return _be32(key_block + key_used - 4)
+
+
+cdef class Login:
+    """A startup packet the proxy has let in before, and what to answer it with: the
+    lane its clients enter, the welcome up to (not including) BackendKeyData, and
+    ``info``, what the proxy needs to take such a client over (opaque here)."""
+
+    cdef readonly Lane lane
+    cdef readonly bytes welcome
+    cdef readonly object info
+
+    def __cinit__(self, Lane lane not None, bytes welcome not None, info):
+        if len(welcome) > MAX_WELCOME:
+            raise ValueError(f"a welcome of {len(welcome)} bytes is too long for the door")
+        self.lane = lane
+        self.welcome = welcome
+        self.info = info
+
+
+cdef class Guest:
+    """A client connection accepted by the Door: logging in there, then idle or busy in
+    a lane, with no Python object of its own until the Python path needs one."""
+
+    cdef readonly int fd
+    cdef readonly int pid  # its BackendKeyData
+    cdef readonly unsigned int key
+    cdef readonly double connect_time
+    cdef readonly bint ssl_refused  # answered 'N' to an SSLRequest
+    cdef readonly Login login  # once welcomed
+    cdef readonly Side side  # in a lane
+    cdef Door door
+    cdef bytearray buf  # a startup packet that came in pieces
+    cdef bint present  # counted by the door (in it, or in a lane)
+
+    @property
+    def key_bytes(self):
+        cdef unsigned char out[4]
+        _put32(out, self.key)
+        return PyBytes_FromStringAndSize(<char *>out, 4)
+
+    def __repr__(self):
+        return f"<guest fd={self.fd} pid={self.pid}>"
+
+
+cdef class _Listener:
+    cdef int fd
+    cdef bint tcp
+
+
+cdef class Door:
+    """Listening sockets watched by an epoll set on the event loop (as the Lane's), and
+    the logins it can answer in C.
+
+    A connection it accepts is a :class:`Guest`. The guest's SSLRequest is refused
+    (``refuse_ssl``: 'N') and its StartupMessage looked up, byte for byte, in
+    ``logins``; when found, and its lane is open, the door answers with the stored
+    welcome, a BackendKeyData of its own and ReadyForQuery, and the guest enters the
+    lane, idle. In the lane, a guest that sends Terminate or closes while idle is closed
+    in C; anything else the lane ejects reaches ``on_eject`` with the Guest as the
+    client's owner, and the proxy takes it over (the fd is then Python's). Everything
+    else (an unknown or partial startup packet, TLS, a CancelRequest, the door at its
+    ``limit`` of guests) is handed to ``on_handoff(fd, data, connect_time)``, with the
+    bytes read so far: the fd is Python's from then on.
+    """
+
+    cdef int epfd
+    cdef object loop
+    cdef object on_handoff
+    cdef public dict logins  # startup packet -> Login
+    cdef public long long limit  # guests at most; past it, connections go to Python
+    cdef public bint refuse_ssl
+    cdef dict keys  # (pid << 32 | key) -> Guest
+    cdef set members  # guests logging in, and listeners: epoll holds pointers to them
+    cdef list listeners
+    cdef int next_pid
+    cdef readonly long long guests  # logging in here, or in a lane
+    cdef readonly long long accepted
+    cdef readonly long long welcomed
+    cdef readonly long long handed_off
+    cdef readonly bint closed
+
+    def __cinit__(self, loop, on_handoff):
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self.loop = loop
+        self.on_handoff = on_handoff
+        self.logins = {}
+        self.keys = {}
+        self.members = set()
+        self.listeners = []
+        self.limit = 1 << 62
+        self.next_pid = (_random32() & 0x3FFFFFFF) | 0x40000000
+        loop.add_reader(self.epfd, self.on_ready)
+
+    def __dealloc__(self):
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    def listen(self, int fd, bint tcp):
+        """Accept on a listening socket (non-blocking; its owner keeps it open)."""
+        cdef _Listener listener = _Listener.__new__(_Listener)
+        listener.fd = fd
+        listener.tcp = tcp
+        self._watch(listener, fd)
+        self.listeners.append(listener)
+
+    def unlisten(self, int fd):
+        for listener in list(self.listeners):
+            if (<_Listener>listener).fd == fd:
+                self.listeners.remove(listener)
+                self._unwatch(listener, fd)
+
+    def find(self, int pid, bytes key not None):
+        """The guest a CancelRequest names, or None."""
+        if len(key) != 4:
+            return None
+        return self.keys.get((<long long>pid << 32) | _be32(key))
+
+    def forget_lane(self, Lane lane):
+        """Stop answering for ``lane`` (it closed): its logins go."""
+        for packet, login in list(self.logins.items()):
+            if (<Login>login).lane is lane:
+                del self.logins[packet]
+
+    def expire(self, double before):
+        """Guests still logging in that connected before ``before`` go to Python (its
+        client_login_timeout tells them)."""
+        for member in list(self.members):
+            if type(member) is Guest and (<Guest>member).connect_time < before:
+                buf = (<Guest>member).buf
+                self._hand_off(<Guest>member, bytes(buf) if buf is not None else b"")
+
+    def close(self):
+        """Stop accepting; guests still logging in are closed (guests in lanes are the
+        lanes')."""
+        if self.closed:
+            return
+        self.closed = True
+        for listener in list(self.listeners):
+            self._unwatch(listener, (<_Listener>listener).fd)
+        self.listeners.clear()
+        for member in list(self.members):
+            if type(member) is Guest:
+                self._close_guest(<Guest>member)
+        self.logins.clear()
+        self.loop.remove_reader(self.epfd)
+        close(self.epfd)
+        self.epfd = -1
+
+    cdef _watch(self, object member, int fd):
+        cdef epoll_event event
+        event.events = EPOLLIN
+        event.data.ptr = <void *>member
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
+            raise OSError(errno, f"cannot watch fd {fd}")
+        self.members.add(member)
+
+    cdef _unwatch(self, object member, int fd):
+        if member in self.members:
+            if self.epfd >= 0:
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+            self.members.discard(member)
+
+    cdef _forget(self, Guest guest):
+        """The guest is no longer the door's to count (closed, or now Python's)."""
+        if guest.present:
+            guest.present = False
+            self.guests -= 1
+            if guest.login is not None:
+                self.keys.pop((<long long>guest.pid << 32) | guest.key, None)
+
+    def on_ready(self):
+        cdef int count = epoll_wait(self.epfd, ready_events, MAX_EVENTS, 0)
+        cdef int i
+        cdef list woken = [<object>ready_events[i].data.ptr for i in range(count)]
+        cdef double now = _monotonic()
+        for member in woken:
+            if member not in self.members:  # gone earlier in this wake-up
+                continue
+            if type(member) is _Listener:
+                self._accept(<_Listener>member, now)
+            else:
+                self._login(<Guest>member)
+
+    cdef _accept(self, _Listener listener, double now):
+        cdef int fd, one = 1, n
+        cdef Guest guest
+        for n in range(ACCEPTS_PER_WAKEUP):
+            fd = accept4(listener.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                if errno == EINTR or errno == ECONNABORTED:
+                    continue
+                return  # EAGAIN; or out of descriptors: the next wake-up tries again
+            if listener.tcp:
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
+            self.accepted += 1
+            guest = Guest.__new__(Guest)
+            guest.fd = fd
+            guest.door = self
+            guest.connect_time = now
+            guest.present = True
+            self.guests += 1
+            if self.guests > self.limit or not self.logins:
+                self._hand_off(guest, b"")  # Python's limit check, or nothing to answer
+                continue
+            try:
+                self._watch(guest, fd)
+            except OSError:
+                self._hand_off(guest, b"")
+
+    cdef _login(self, Guest guest):
+        cdef ssize_t got = recv(guest.fd, read_buf, READ_SIZE, 0)
+        cdef const unsigned char *data = read_buf
+        cdef Py_ssize_t size, pos = 0
+        cdef unsigned int length, code
+        cdef bytearray buf = guest.buf
+        cdef bint python = False  # the rest is Python's to judge
+        if got < 0:
+            if errno == EAGAIN or errno == EINTR:
+                return
+            self._close_guest(guest)
+            return
+        if got == 0:
+            self._close_guest(guest)
+            return
+        size = got
+        if buf is not None:
+            buf.extend(read_buf[:got])
+            data = buf
+            size = len(buf)
+        while size - pos >= 8:
+            length = _be32(data + pos)
+            if length < 8 or length > MAX_STARTUP:
+                python = True  # its error to give
+                break
+            if size - pos < length:
+                guest.buf = bytearray(_bytes(data, pos, size))
+                return
+            code = _be32(data + pos + 4)
+            if code == SSL_REQUEST_CODE and length == 8 and self.refuse_ssl:
+                if send(guest.fd, b"N", 1, MSG_NOSIGNAL | MSG_DONTWAIT) != 1:
+                    self._close_guest(guest)
+                    return
+                guest.ssl_refused = True
+                pos += 8
+                continue
+            if code == PROTOCOL_3 and pos + length == size:
+                login = self.logins.get(_bytes(data, pos, size))
+                if login is not None and self._welcome(guest, <Login>login):
+                    return
+            python = True
+            break
+        if python:
+            self._hand_off(guest, _bytes(data, pos, size))
+        elif pos == size:
+            guest.buf = None
+        else:  # the first bytes of a packet
+            guest.buf = bytearray(_bytes(data, pos, size))
+
+    cdef bint _welcome(self, Guest guest, Login login) except -1:
+        cdef Lane lane = login.lane
+        cdef Py_ssize_t size = len(login.welcome)
+        cdef unsigned char *out = welcome_buf
+        if lane.closed:
+            self.forget_lane(lane)
+            return False
+        self.next_pid = ((self.next_pid + 1) & 0x3FFFFFFF) | 0x40000000
+        guest.pid = self.next_pid
+        guest.key = _random32()
+        memcpy(out, <const unsigned char *>(<char *>login.welcome), size)
+        out[size] = 75  # 'K'
+        _put32(out + size + 1, 12)
+        _put32(out + size + 5, <unsigned int>guest.pid)
+        _put32(out + size + 9, guest.key)
+        out[size + 13] = 90  # 'Z'
+        _put32(out + size + 14, 5)
+        out[size + 18] = 73  # 'I'
+        if _send_all(guest.fd, out, size + 19) != size + 19:
+            self._close_guest(guest)  # a fresh socket that cannot take 1 KB: gone
+            return True
+        self._unwatch(guest, guest.fd)
+        guest.buf = None
+        guest.login = login
+        self.keys[(<long long>guest.pid << 32) | guest.key] = guest
+        self.welcomed += 1
+        try:
+            lane._add_guest(guest)
+        except (OSError, RuntimeError):  # logged in, but the lane cannot have it
+            self._forget(guest)
+            self.handed_off += 1
+            self.on_handoff(guest.fd, b"", guest.connect_time, guest)
+        return True
+
+    cdef _hand_off(self, Guest guest, bytes data):
+        self._unwatch(guest, guest.fd)
+        self._forget(guest)
+        self.handed_off += 1
+        self.on_handoff(guest.fd, data, guest.connect_time, None)
+
+    cdef _close_guest(self, Guest guest):
+        self._unwatch(guest, guest.fd)
+        self._forget(guest)
+        close(guest.fd)

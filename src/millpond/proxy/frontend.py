@@ -156,7 +156,11 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        standin: Any = self.transport
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if standin is not None:  # it came in through the door (door.py)
+            standin.attach(self, self.transport)
+            return
         self.addr = transport.get_extra_info("peername") or "unix"
         self.proxy.client_opened(self)  # its sweep enforces client_login_timeout
 
@@ -214,8 +218,9 @@ class ClientConnection(asyncio.Protocol):
 
     def welcome(self, server_params: dict[str, str]) -> None:
         """Finish the login (parameters, our cancel key, ReadyForQuery), then serve."""
-        assert self.handshake is not None
-        self.handshake.welcome(server_params)
+        handshake = self.handshake
+        assert handshake is not None
+        before = handshake.welcome(server_params)
         self.handshake = None  # the startup reader and the authenticator go with it
         self.welcomed = True
         self.state = _IDLE
@@ -225,7 +230,9 @@ class ClientConnection(asyncio.Protocol):
         elif self.reader.buffered:
             self._need_server()
         elif self.pool is not None and self.pool.lane is not None:
-            self.pool.lane.admit(self)
+            door = self.proxy.door
+            if self.pool.lane.admit(self) and door is not None and handshake.raw is not None:
+                door.learn(self, handshake.raw, before, server_params)
 
     def leave_lane(self) -> None:
         """Out of the compiled lane, back to the Python path (a no-op if not in it)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from millpond.errors import PoolClosed
 from millpond.pool.core import Release
@@ -46,7 +46,7 @@ except ImportError:  # the extension is not built: the Python path serves everyt
     _lane = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from millpond.proxy._lane import Lane, Side
+    from millpond.proxy._lane import Guest, Lane, Side
     from millpond.proxy.config import ProxySettings
     from millpond.proxy.frontend import ClientConnection
     from millpond.proxy.pools import ServerPool
@@ -68,6 +68,7 @@ SERVER_TYPES = b"TDCIENZ"
 MAX_MESSAGE = 65536
 
 REFUSED = _lane.REFUSED if _lane is not None else "refused"
+_GUEST = _lane.Guest if _lane is not None else None
 
 _STATUS = {c: bytes([c]) for c in b"IETX"}
 
@@ -122,6 +123,7 @@ class PoolLane:
             or transport is None
             or transport.is_closing()
             or transport.get_write_buffer_size()
+            or not transport.is_reading()  # paused, or a door.StandIn: not ours to read
             or self.pool.paused
             or self.proxy.shutting_down
         ):
@@ -297,6 +299,10 @@ class PoolLane:
         takes over from exactly where the lane stopped."""
         from millpond.proxy.frontend import ClientState
 
+        if client is not None and type(client) is _GUEST:  # type: ignore[comparison-overlap]
+            door = self.proxy.door  # a guest of the door's: Python's from now on
+            assert door is not None
+            client = door.adopt(cast("Guest", client))
         slot = server_side = None
         if server is not None:
             server_side, server.lane_side, server.lane = server.lane_side, None, None
@@ -372,6 +378,10 @@ class PoolLane:
         if lane is None:
             return
         self.fold()
+        s = self.proxy.config.settings
+        for side in lane.sides():  # guests: Python's sweep sees clients only
+            if side.guest and side.active and due(side, s, self.pool, now):
+                lane.eject(side)
         # out of the core's queue: the next client to queue asks again, so the core
         # never sees the lane as one waiter older than reserve_pool_timeout
         self._stop_asking()
@@ -391,6 +401,8 @@ class PoolLane:
             return
         self.fold()
         self._stop_asking()
+        if self.proxy.door is not None:
+            self.proxy.door.forget_lane(lane)  # before its guests come out as clients
         lane.close()
         self.lane = None
         self.lent.clear()

@@ -47,13 +47,14 @@ class ClientHandshake:
     """A client connection's login: SSLRequest/GSSENCRequest or CancelRequest, then the
     StartupMessage, the authentication exchange, and the welcome."""
 
-    __slots__ = ("auth", "client", "greeting", "startup")
+    __slots__ = ("auth", "client", "greeting", "raw", "startup")
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
         self.startup = StartupReader()
         self.auth: Any = None
         self.greeting = b""  # AuthenticationOk (and SASLFinal), held for the welcome
+        self.raw: bytes | None = None  # the StartupMessage as it came, when whole (door.py)
 
     def startup_data(self, data: bytes) -> None:
         client = self.client
@@ -66,6 +67,8 @@ class ClientHandshake:
             rest = self.startup.take_rest()
             if rest:
                 client.reader.feed(rest)
+            elif type(data) is bytes and int.from_bytes(data[:4], "big") == len(data):
+                self.raw = data
             client.proxy.login(client, packet)
         elif kind is SSLRequest or kind is GSSENCRequest:
             client.proxy.negotiate_tls(client, kind is SSLRequest)
@@ -111,9 +114,9 @@ class ClientHandshake:
             self.auth = None
             client.proxy.authenticated(client)
 
-    def welcome(self, server_params: dict[str, str]) -> None:
+    def welcome(self, server_params: dict[str, str]) -> bytes:
         """Send the login's answer in one write: AuthenticationOk, the parameters, our own
-        cancel key, ReadyForQuery."""
+        cancel key, ReadyForQuery. Returns what came before the cancel key."""
         client = self.client
         key = (tuple(server_params.items()), tuple(client.params.items()))
         known = _WELCOMES.get(key)
@@ -127,9 +130,9 @@ class ClientHandshake:
             client.params.update(defaults)
         greeting, self.greeting = self.greeting, b""
         assert client.transport is not None
-        client.transport.write(
-            greeting + statuses + m.backend_key_data(client.pid, client.key) + _READY_IDLE
-        )
+        before = greeting + statuses
+        client.transport.write(before + m.backend_key_data(client.pid, client.key) + _READY_IDLE)
+        return before
 
 
 #: The parameter part of recent welcomes, by (server parameters, client parameters):

@@ -9,11 +9,12 @@ import os
 import signal
 from dataclasses import dataclass
 from time import monotonic
-from typing import Any
+from typing import Any, cast
 
 from millpond.errors import ConfigError, DatabaseUnavailable
 from millpond.pool.janitor import Janitor
 from millpond.pool.state import Slot
+from millpond.proxy import door as door_module
 from millpond.proxy import login
 from millpond.proxy.auth import error_no_such_user
 from millpond.proxy.backend import TRACKED_PARAMS, ServerDriver
@@ -83,6 +84,8 @@ class Proxy:
         self._shutdown_task: asyncio.Task[Any] | None = None
         self.shutting_down: str | None = None
         self.client_tls = client_context(config.settings)
+        #: the listening sockets' compiled acceptor, when logins may be answered in C
+        self.door: door_module.ProxyDoor | None = None
 
     # -- listening ------------------------------------------------------------------
 
@@ -93,9 +96,20 @@ class Proxy:
         start_stats(self)
         loop = asyncio.get_running_loop()
         s = self.config.settings
+        if door_module.wanted(s, self.client_tls):
+            self.door = door_module.ProxyDoor(self)
+            self.door.set_limit(s.max_client_conn, 0)
         hosts = [h for h in s.listen_addr if h]
         for host in hosts:
             bind = None if host == "*" else host
+            if self.door is not None:
+                listening = self.door.listen_tcp(
+                    bind, s.listen_port, s.listen_backlog, s.so_reuseport
+                )
+                self.servers.append(cast(asyncio.AbstractServer, listening))
+                for sock in listening.sockets:
+                    self.addresses.append("{}:{}".format(*sock.getsockname()[:2]))
+                continue
             server = await loop.create_server(
                 lambda: ClientConnection(self),
                 bind,
@@ -109,11 +123,15 @@ class Proxy:
                 self.addresses.append("{}:{}".format(*sock.getsockname()[:2]))
         if s.unix_socket_dir:
             path = _stale_socket_removed(s.unix_socket_dir, s.listen_port)
-            server = await loop.create_unix_server(
-                lambda: ClientConnection(self), path, backlog=s.listen_backlog
-            )
+            unix: asyncio.AbstractServer
+            if self.door is not None:
+                unix = cast(asyncio.AbstractServer, self.door.listen_unix(path, s.listen_backlog))
+            else:
+                unix = await loop.create_unix_server(
+                    lambda: ClientConnection(self), path, backlog=s.listen_backlog
+                )
             os.chmod(path, s.unix_socket_mode)
-            self.servers.append(server)
+            self.servers.append(unix)
             self.addresses.append(path)
         _write_pidfile(s.pidfile)
         from millpond.observe import start_stats_logger, start_stats_server
@@ -171,6 +189,8 @@ class Proxy:
         self.shutting_down = mode
         self.release_kept()
         self.leave_lanes()
+        if self.door is not None:
+            self.door.close()  # guests still logging in go; those in lanes came out above
         for server in self.servers:
             server.close()
         loop = asyncio.get_running_loop()
@@ -197,6 +217,8 @@ class Proxy:
             pool.release_kept()
             if pool.lane is not None:
                 pool.lane.fold()  # its counters, for SHOW STATS and the metrics
+        if self.door is not None:
+            self.door.fold()  # the logins it welcomed
 
     def leave_lanes(self) -> None:
         """Every client and server out of the compiled lanes (admin commands, pause,
@@ -210,6 +232,8 @@ class Proxy:
         self.release_kept()  # affinity lasts half a second at most: timeouts see the rest
         now = monotonic()
         s = self.config.settings
+        if self.door is not None:
+            self.door.sweep(s, now)
         for pool in self.pools.values():
             if pool.lane is not None:
                 pool.lane.sweep(now)
@@ -238,9 +262,13 @@ class Proxy:
 
     def client_opened(self, client: ClientConnection) -> None:
         self.clients.add(client)
+        if self.door is not None:
+            self.door.set_limit(self.config.settings.max_client_conn, len(self.clients))
 
     def client_closed(self, client: ClientConnection) -> None:
         self.clients.discard(client)
+        if self.door is not None:
+            self.door.set_limit(self.config.settings.max_client_conn, len(self.clients))
         self.by_key.pop((client.pid, client.key), None)
         self.parked.pop(client, None)
         if self.config.settings.log_disconnections and client.user:
@@ -252,7 +280,8 @@ class Proxy:
         if not client.tls and tls_required(s):
             client.fail("08P01", "SSL required")
             return
-        if s.max_client_conn and len(self.clients) > s.max_client_conn:
+        guests = self.door.guests if self.door is not None else 0  # clients in C
+        if s.max_client_conn and len(self.clients) + guests > s.max_client_conn:
             client.fail("08P01", "no more connections allowed (max_client_conn)")
             return
         tracked = _tracked(s.track_extra_parameters)
@@ -416,6 +445,12 @@ class Proxy:
 
     def cancel(self, request: CancelRequest) -> None:
         client = self.by_key.get((request.pid, request.secret))
+        if client is None and self.door is not None:
+            guest = self.door.find(request.pid, request.secret)
+            side = guest.side if guest is not None else None
+            if guest is not None and side is not None and side.active:  # out of its lane:
+                guest.login.lane.eject(side)  # a client like any other
+                client = self.by_key.get((request.pid, request.secret))
         if client is not None:
             client.leave_lane()  # its server, if it has one, is then client.server
         if client is None or client.server is None or client.keeps:
@@ -474,6 +509,10 @@ class Proxy:
     def apply_config(self, new: ProxyConfig, tls: Any = None) -> None:
         self.config = new
         self.client_tls = tls
+        if self.door is not None:
+            self.door.forget()  # logins are learned again under the new settings
+            self.door.door.refuse_ssl = tls is None  # else SSLRequests are Python's
+            self.door.set_limit(new.settings.max_client_conn, len(self.clients))
         for (database, user), pool in list(self.pools.items()):
             db = new.database(database)
             if db is None:
