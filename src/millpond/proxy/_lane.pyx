@@ -924,6 +924,8 @@ cdef class Door:
                 self._watch(guest, fd)
             except OSError:
                 self._hand_off(guest, b"")
+                continue
+            self._login(guest)  # its first packet is often here already: no wake-up for it
 
     cdef _login(self, Guest guest):
         cdef ssize_t got = recv(guest.fd, read_buf, READ_SIZE, 0)
