@@ -317,7 +317,7 @@ def _count_clients(
         if pool is not None:
             counts = per_pool.setdefault((pool.database, pool.user), {})
             counts[state] = counts.get(state, 0) + 1
-    if getattr(proxy, "door", None) is not None:  # the door's guests: in lanes, no objects
+    if proxy.door is not None:  # the door's guests: in lanes, with no Python objects
         for pool in proxy.pools.values():
             lane = pool.lane.lane if pool.lane is not None else None
             for side in lane.sides() if lane is not None else ():

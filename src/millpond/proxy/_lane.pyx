@@ -17,8 +17,8 @@ the next queued client or back on the free list.
 It forwards only complete messages of the types it was told it may forward in each
 direction, and leaves everything else to the Python path: at the first message it may
 not forward (a type not on its list, a Query that may touch session state when
-``session_check`` is on (the session tracker's own first look, in C) or that its
-``query_ok`` check refuses, a message longer than ``max_message``, a bad length, a
+``session_check`` is on (the session tracker's own first look, in C), a message
+longer than ``max_message``, a bad length, a
 ReadyForQuery nobody asked for), at end of file or a socket error, when a write would
 block, or for data from an idle server, it *ejects* the socket, with the server it is
 linked to if any. Ejecting unregisters them and calls ``on_eject`` once, with for each
@@ -209,7 +209,6 @@ cdef class Lane:
     cdef int epfd
     cdef object loop
     cdef object on_eject
-    cdef object query_ok
     cdef bint session_check
     cdef Py_ssize_t max_message
     cdef bint client_ok[256]
@@ -228,7 +227,6 @@ cdef class Lane:
     cdef readonly long long client_bytes  # forwarded from clients to servers
     cdef readonly long long server_bytes  # forwarded from servers to clients
     cdef readonly long long queue_length  # clients queued for a server
-    cdef readonly long long dropped  # guests that left from the lane, closed in C
     cdef public bint asking  # on_want was called and its answer is still to come
     cdef public long long owed_back  # servers to give back at their next release
     cdef object on_want
@@ -243,7 +241,6 @@ cdef class Lane:
         bytes server_types,
         *,
         bint session_check=False,
-        query_ok=None,
         Py_ssize_t max_message=65536,
         on_want=None,
     ):
@@ -254,7 +251,6 @@ cdef class Lane:
             raise OSError(errno, "epoll_create1 failed")
         self.loop = loop
         self.on_eject = on_eject
-        self.query_ok = query_ok
         self.on_want = on_want
         self.session_check = session_check
         self.max_message = max_message
@@ -307,7 +303,6 @@ cdef class Lane:
         self._unwatch(client, True)
         guest.door._forget(guest)
         close(client.fd)
-        self.dropped += 1
 
     def add_server(self, owner, int fd):
         """An idle server connection lent to the lane enters its free list (served to
@@ -481,11 +476,6 @@ cdef class Lane:
             kind = data[pos]
             if kind == 81:  # 'Q': one that may touch session state is Python's
                 if self.session_check and _hint(data + pos + 5, step - 5):
-                    reason = REFUSED
-                    break
-                if self.query_ok is not None and not self.query_ok(
-                    PyBytes_FromStringAndSize(<char *>data + pos + 5, step - 5)
-                ):
                     reason = REFUSED
                     break
             if kind == 81 or kind == 83 or kind == 70:  # Q, Sync, FunctionCall: answered by Z
@@ -741,7 +731,6 @@ cdef class Guest:
     cdef readonly int pid  # its BackendKeyData
     cdef readonly unsigned int key
     cdef readonly double connect_time
-    cdef readonly bint ssl_refused  # answered 'N' to an SSLRequest
     cdef readonly Login login  # once welcomed
     cdef readonly Side side  # in a lane
     cdef Door door
@@ -790,9 +779,7 @@ cdef class Door:
     cdef list listeners
     cdef int next_pid
     cdef readonly long long guests  # logging in here, or in a lane
-    cdef readonly long long accepted
     cdef readonly long long welcomed
-    cdef readonly long long handed_off
     cdef readonly bint closed
 
     def __cinit__(self, loop, on_handoff):
@@ -910,7 +897,6 @@ cdef class Door:
                 return  # EAGAIN; or out of descriptors: the next wake-up tries again
             if listener.tcp:
                 setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
-            self.accepted += 1
             guest = Guest.__new__(Guest)
             guest.fd = fd
             guest.door = self
@@ -960,7 +946,6 @@ cdef class Door:
                 if send(guest.fd, b"N", 1, MSG_NOSIGNAL | MSG_DONTWAIT) != 1:
                     self._close_guest(guest)
                     return
-                guest.ssl_refused = True
                 pos += 8
                 continue
             if code == PROTOCOL_3 and pos + length == size:
@@ -1006,14 +991,12 @@ cdef class Door:
             lane._add_guest(guest)
         except (OSError, RuntimeError):  # logged in, but the lane cannot have it
             self._forget(guest)
-            self.handed_off += 1
             self.on_handoff(guest.fd, b"", guest.connect_time, guest)
         return True
 
     cdef _hand_off(self, Guest guest, bytes data):
         self._unwatch(guest, guest.fd)
         self._forget(guest)
-        self.handed_off += 1
         self.on_handoff(guest.fd, data, guest.connect_time, None)
 
     cdef _close_guest(self, Guest guest):

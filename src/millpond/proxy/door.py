@@ -162,9 +162,9 @@ class Arrival:
 class Listening:
     """A listening socket the door accepts on, where the proxy keeps its servers."""
 
-    def __init__(self, door: ProxyDoor, sock: socket.socket) -> None:
+    def __init__(self, door: ProxyDoor, sockets: list[socket.socket]) -> None:
         self.door = door
-        self.sockets = [sock]
+        self.sockets = sockets
 
     def close(self) -> None:
         for sock in self.sockets:
@@ -189,34 +189,21 @@ class ProxyDoor:
         """Bound and listening, as ``loop.create_server`` would (one socket per address)."""
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         made: list[socket.socket] = []
-        seen = set()
         try:
-            for family, kind, proto, _name, addr in infos:
-                if (family, addr) in seen:
-                    continue
-                seen.add((family, addr))
-                sock = socket.socket(family, kind, proto)
-                made.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    sock.bind(addr)
-                except OSError as exc:
-                    raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from None
-                sock.listen(backlog)
-                sock.setblocking(False)
+            for family, _kind, _proto, _name, addr in dict.fromkeys(infos):
+                made.append(
+                    socket.create_server(
+                        addr, family=family, backlog=backlog, reuse_port=reuse_port
+                    )
+                )
         except BaseException:
             for sock in made:
                 sock.close()
             raise
-        listening = Listening(self, made[0])
-        listening.sockets = made
         for sock in made:
+            sock.setblocking(False)
             self.door.listen(sock.fileno(), True)
-        return listening
+        return Listening(self, made)
 
     def listen_unix(self, path: str, backlog: int) -> Listening:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -228,7 +215,7 @@ class ProxyDoor:
             sock.close()
             raise
         self.door.listen(sock.fileno(), False)
-        return Listening(self, sock)
+        return Listening(self, [sock])
 
     # -- the Python path takes over -------------------------------------------------
 
@@ -304,7 +291,6 @@ class ProxyDoor:
             or client.tls
             or client.admin is not None
             or not wanted(proxy.config.settings, proxy.client_tls)
-            or len(welcome) > 8192
         ):
             return
         logins = self.door.logins
@@ -313,7 +299,8 @@ class ProxyDoor:
         info = LoginInfo(
             client.user, client.database, pool, dict(client.params), client.param_sig, dict(server)
         )
-        logins[packet] = _lane.Login(lane, welcome, info)
+        with contextlib.suppress(ValueError):  # a welcome too long for the door: Python's
+            logins[packet] = _lane.Login(lane, welcome, info)
 
     def forget(self) -> None:
         self.door.logins.clear()

@@ -200,11 +200,11 @@ def test_a_query_cycle_is_forwarded_untouched_in_any_chunking(
     ("refused", "options"),
     [
         (msg(b"X"), {}),  # Terminate: not on the list
-        (query("SET search_path TO x"), {"query_ok": lambda sql: not sql.startswith(b"SET")}),
+        (query("SET search_path TO x"), {"session_check": True}),  # session state
         (msg(b"Q", bytes(100)), {"max_message": 64}),  # too long for the lane
         (b"Q\x00\x00\x00\x02", {}),  # a bad length: the Python path says so
     ],
-    ids=["type", "query_ok", "max_message", "bad length"],
+    ids=["type", "session_check", "max_message", "bad length"],
 )
 def test_a_message_the_lane_may_not_forward_ejects_with_it_unread(
     refused: bytes, options: dict[str, Any]
