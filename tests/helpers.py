@@ -40,3 +40,12 @@ def run(coro: Coroutine[Any, Any, T], *, timeout: float = DEFAULT_TIMEOUT) -> T:
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(guarded())
+
+
+async def until(predicate: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
+    """Poll ``predicate`` (every millisecond) until it is true; fail after ``timeout`` s."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() >= deadline:
+            raise AssertionError(f"not reached in {timeout} s: {what or predicate}")
+        await asyncio.sleep(0.001)

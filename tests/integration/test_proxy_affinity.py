@@ -24,7 +24,7 @@ from millpond.pool.state import CloseReason
 from millpond.proxy.config import load_config
 from millpond.proxy.pools import ServerPool
 from millpond.proxy.server import Proxy
-from tests.helpers import run
+from tests.helpers import run, until
 from tests.integration.test_proxy_admin import client, console, pool_row, show
 from tests.integration.test_proxy_admin import running_proxy as lane_proxy
 
@@ -41,14 +41,6 @@ def idle_servers(pool: ServerPool) -> int:
     return len(pool._core.idle)
 
 
-async def eventually(check: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 def test_an_idle_client_keeps_its_server_and_counts_each_lend(pg_cluster: PostgresCluster) -> None:
     async def main() -> None:
         async with running_proxy(pg_cluster, default_pool_size="2") as proxy:
@@ -62,7 +54,7 @@ def test_an_idle_client_keeps_its_server_and_counts_each_lend(pg_cluster: Postgr
             assert idle_servers(pool) == 0
             assert pool.lends.acquires == lends + 5  # each transaction still counts a lend
             await a.close()
-            await eventually(lambda: not pool.kept and idle_servers(pool) == 1)
+            await until(lambda: not pool.kept and idle_servers(pool) == 1)
 
     run(main())
 
@@ -121,7 +113,7 @@ def test_a_kept_server_dying_spares_its_idle_client(pg_cluster: PostgresCluster)
                 assert await direct.fetchval("SELECT pg_terminate_backend($1)", pid)
             finally:
                 await direct.close()
-            await eventually(lambda: not pool.kept)
+            await until(lambda: not pool.kept)
             assert not a.is_closed()
             new_pid = await a.fetchval("SELECT pg_backend_pid()")
             assert new_pid != pid
@@ -201,7 +193,7 @@ def test_a_server_due_to_retire_is_not_kept(pg_cluster: PostgresCluster) -> None
             kept.slot.expires_at = 0.0  # type: ignore[attr-defined]  # its lifetime is over
             assert await a.fetchval("SELECT pg_backend_pid()") == first  # still its own
             assert not pool.kept  # ... but not kept: released, and retired
-            await eventually(lambda: pool._core.counters.closed[CloseReason.LIFETIME] >= 1)
+            await until(lambda: pool._core.counters.closed[CloseReason.LIFETIME] >= 1)
             assert await a.fetchval("SELECT pg_backend_pid()") != first
             await a.close()
 
@@ -222,7 +214,7 @@ def test_admin_pause_and_sweep_see_kept_servers_as_idle(pg_cluster: PostgresClus
 
             await a.fetchval("SELECT 1")
             assert pool.kept
-            await eventually(lambda: not pool.kept, timeout=3)  # the sweep, twice a second
+            await until(lambda: not pool.kept, timeout=3)  # the sweep, twice a second
             assert idle_servers(pool) == 1
 
             await a.fetchval("SELECT 1")

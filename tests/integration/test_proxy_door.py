@@ -11,6 +11,7 @@ nobody else touched.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -106,6 +107,31 @@ def test_extended_protocol_guests_are_served_by_the_python_path(
                     assert await conn.fetchval("SELECT $1::text", "x") == "x"
                 await conn.close()
             assert welcomed(proxy) >= 3
+
+    run(main())
+
+
+def test_guests_sockets_have_tcp_nodelay(pg_cluster: PostgresCluster) -> None:
+    """The door sets TCP_NODELAY on its listening socket once and its accepted sockets
+    inherit it (a small reply must not wait for an ACK), with and without an
+    SSLRequest before the login."""
+
+    async def main() -> None:
+        async with door_proxy(pg_cluster) as proxy:
+            conns = [await guest(proxy)]
+            conns.append(await simple(proxy, sslmode="disable"))
+            conns.append(await simple(proxy, sslmode="prefer"))
+            lane = the_pool(proxy).lane
+            assert lane is not None
+            assert lane.lane is not None
+            sides = [side for side in lane.lane.sides() if side.guest]
+            assert len(sides) == 3
+            for side in sides:
+                with socket.socket(fileno=os.dup(side.fd)) as sock:
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            for conn in conns:
+                assert await value(conn, "SELECT 1") == 1
+                await conn.close()
 
     run(main())
 

@@ -3,8 +3,9 @@
 
 docs/proxy-data-path.md has the why and the plan. uvloop keeps owning every socket; a
 socket *enters* the lane (its transport has stopped reading and has nothing buffered to
-write) and the lane watches it with its own epoll set, registered once with the event
-loop: one Python call per wake-up, then recv() and send() in C for every ready socket.
+write) and the lane watches it in the loop's :class:`Hub`, one epoll set shared by
+every lane and the door and registered once with the event loop: one Python call per
+wake-up, then recv() and send() in C for every ready socket.
 
 What enters: idle clients (``add_client``), idle server connections lent to the lane
 (``add_server``: its free list), and pairs linked in the middle of a transaction
@@ -69,6 +70,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     int accept4(int fd, void *addr, void *addrlen, int flags)
     int setsockopt(int fd, int level, int name, const void *value, unsigned int size)
+    int getsockopt(int fd, int level, int name, void *value, unsigned int *size)
     enum:
         MSG_NOSIGNAL
         MSG_DONTWAIT
@@ -162,14 +164,152 @@ cdef Py_ssize_t _send_all(int fd, const unsigned char *data, Py_ssize_t size) no
     return done
 
 
-cdef class Side:
+cdef enum:
+    SIDE = 1
+    GUEST = 2
+    LISTENER = 3
+
+
+cdef class _Member:
+    """Something in a hub's epoll set: its events carry a pointer to it."""
+
+    cdef unsigned char kind
+    cdef bint watched  # in the set now (else its events are stale)
+
+
+cdef dict _hubs = {}  # event loop -> its Hub
+
+
+cdef Hub _hub(loop):
+    """The loop's hub, shared by every lane and door on it (one more user)."""
+    cdef Hub hub = _hubs.get(loop)
+    if hub is None:
+        hub = Hub.__new__(Hub)
+        hub.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if hub.epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        hub.loop = loop
+        hub.graveyard = []
+        loop.add_reader(hub.epfd, hub.on_ready)
+        _hubs[loop] = hub
+    hub.users += 1
+    return hub
+
+
+cdef class Hub:
+    """One epoll set per event loop for every lane's sockets and the door's, registered
+    with the loop once: one wake-up of the loop (and one epoll_wait here) serves
+    whatever is ready, in any lane or at the door. A set of its own per lane and door
+    would cost an extra wake-up and epoll_wait for each set with something ready, and
+    nested sets cost the kernel more per event."""
+
+    cdef int epfd
+    cdef object loop
+    cdef list graveyard  # members unwatched during this wake-up, alive until its end
+    cdef bint serving  # inside on_ready
+    cdef readonly Py_ssize_t users  # the lanes and doors sharing it
+    cdef readonly long long wakeups
+    cdef double now  # the clock, read once per wake-up
+
+    @property
+    def closed(self):
+        return self.epfd < 0
+
+    def __dealloc__(self):
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    cdef int add(self, _Member member, int fd, unsigned int events) except -1:
+        cdef epoll_event event
+        event.events = events
+        event.data.ptr = <void *>member
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
+            raise OSError(errno, f"cannot watch fd {fd}")
+        return 0
+
+    cdef void change(self, _Member member, int fd, unsigned int events) noexcept:
+        """What wakes us for ``fd`` (0: only hang-ups and errors), and for whom."""
+        cdef epoll_event event
+        event.events = events
+        event.data.ptr = <void *>member
+        epoll_ctl(self.epfd, EPOLL_CTL_MOD, fd, &event)
+
+    cdef void drop(self, _Member member, int fd, bint closing):
+        """``member`` out of the set (``closing``: its fd is about to be closed, which
+        takes it out)."""
+        if member.watched:
+            member.watched = False
+            if not closing and self.epfd >= 0:
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+            if self.serving:
+                self.graveyard.append(member)
+
+    cdef release(self):
+        """One user less; the last one takes the set off the loop."""
+        self.users -= 1
+        if self.users == 0:
+            if _hubs.get(self.loop) is self:
+                del _hubs[self.loop]
+            self.loop.remove_reader(self.epfd)
+            close(self.epfd)
+            self.epfd = -1
+
+    def on_ready(self):
+        """The event loop's reader callback: serve every socket that is ready."""
+        cdef int count = epoll_wait(self.epfd, ready_events, MAX_EVENTS, 0)
+        cdef int i
+        cdef _Member member
+        cdef Side side
+        cdef Lane lane
+        cdef Guest guest
+        self.wakeups += 1
+        self.now = _monotonic()
+        self.serving = True
+        try:
+            for i in range(count):
+                member = <_Member>ready_events[i].data.ptr
+                if member.kind == SIDE:
+                    side = <Side>member
+                elif member.kind == GUEST:  # a guest keeps its registration from the
+                    guest = <Guest>member  # door through the lane: where is it now?
+                    side = guest.side
+                    if side is None:
+                        if guest.watched:  # (else gone earlier in this wake-up)
+                            guest.door._login(guest)
+                        continue
+                else:
+                    if member.watched:
+                        (<_Listener>member).door._accept(<_Listener>member, self.now)
+                    continue
+                if side.watched:  # not ejected earlier in this wake-up
+                    lane = side.lane
+                    lane.now = self.now
+                    if lane.woken != self.wakeups:
+                        lane.woken = self.wakeups
+                        lane.wakeups += 1
+                    lane._read(side)
+        finally:
+            self.serving = False
+            self.graveyard.clear()
+
+
+cdef class Lane
+
+
+cdef inline _Member _token(Side side):
+    """What the epoll set's events for ``side`` point to: a guest's side is reached
+    through its Guest, registered when it waited at the door."""
+    return <_Member>side.owner if side.guest else side
+
+
+cdef class Side(_Member):
     """One socket in the lane."""
 
     cdef readonly int fd
     cdef readonly object owner
     cdef readonly bint server
     cdef readonly bint guest  # a client the Door let in: its owner is a Guest
-    cdef readonly bint active
+    cdef Lane lane
     cdef readonly bint queued  # a client waiting for a server (its request in pending)
     cdef readonly bint muted  # a queued client that sent too much: not read until served
     cdef readonly long long outstanding  # a server's requests still to be answered
@@ -184,6 +324,11 @@ cdef class Side:
     cdef bytearray pending  # read, not forwarded yet: a partial message, or a queued request
 
     @property
+    def active(self):
+        """In its lane (not ejected)."""
+        return self.watched
+
+    @property
     def linked(self):
         return self.peer is not None
 
@@ -194,7 +339,7 @@ cdef class Side:
 
     def __repr__(self):
         role = "server" if self.server else "client"
-        if not self.active:
+        if not self.watched:
             state = "ejected"
         elif self.peer is not None:
             state = f"linked to fd {self.peer.fd}"
@@ -204,21 +349,20 @@ cdef class Side:
 
 
 cdef class Lane:
-    """An epoll set on the event loop running transaction pooling's cycle in C."""
+    """Transaction pooling's cycle in C, for the sockets it watches in the loop's Hub."""
 
-    cdef int epfd
-    cdef object loop
+    cdef readonly Hub hub
     cdef object on_eject
     cdef bint session_check
     cdef Py_ssize_t max_message
     cdef bint client_ok[256]
     cdef bint server_ok[256]
     cdef set members  # the active sides: epoll holds borrowed pointers to them
-    cdef list ejected  # sides ejected during this wake-up, kept alive until its end
     cdef list free  # idle servers, the last one in lent first (a stack, as the core's)
     cdef object waiting  # queued clients, first come first served
     cdef readonly bint closed
-    cdef readonly long long wakeups
+    cdef readonly long long wakeups  # the hub's wake-ups that had something for it
+    cdef long long woken  # the last of them
     cdef readonly long long transactions
     cdef readonly long long queries
     cdef readonly double xact_time  # seconds servers spent linked, summed
@@ -230,7 +374,6 @@ cdef class Lane:
     cdef public bint asking  # on_want was called and its answer is still to come
     cdef public long long owed_back  # servers to give back at their next release
     cdef object on_want
-    cdef bint serving  # inside on_ready
     cdef double now  # the clock, read once per wake-up
 
     def __cinit__(
@@ -246,16 +389,11 @@ cdef class Lane:
     ):
         if session_check:  # its import gives _scan the words to look for
             import millpond.proxy.session  # noqa: F401
-        self.epfd = epoll_create1(EPOLL_CLOEXEC)
-        if self.epfd < 0:
-            raise OSError(errno, "epoll_create1 failed")
-        self.loop = loop
         self.on_eject = on_eject
         self.on_want = on_want
         self.session_check = session_check
         self.max_message = max_message
         self.members = set()
-        self.ejected = []
         self.free = []
         self.waiting = deque()
         cdef unsigned char kind
@@ -263,22 +401,18 @@ cdef class Lane:
             self.client_ok[kind] = True
         for kind in server_types:
             self.server_ok[kind] = True
-        loop.add_reader(self.epfd, self.on_ready)
-
-    def __dealloc__(self):
-        if self.epfd >= 0:
-            close(self.epfd)
+        self.hub = _hub(loop)  # last: only a lane made whole is one of its users
 
     def __len__(self):
         return len(self.members)
 
     @property
     def free_servers(self):
-        return sum(1 for side in self.free if (<Side>side).active)
+        return sum(1 for side in self.free if (<Side>side).watched)
 
     @property
     def queued_clients(self):
-        return sum(1 for side in self.waiting if (<Side>side).active)
+        return sum(1 for side in self.waiting if (<Side>side).watched)
 
     # -- entering and leaving ------------------------------------------------------
 
@@ -292,8 +426,13 @@ cdef class Lane:
         """A client the Door welcomed enters, idle (its fd is the lane's to close)."""
         cdef Side client = self._side(guest, guest.fd, False)
         client.guest = True
-        self._watch(client, EPOLLIN)
-        guest.side = client
+        guest.side = client  # from now on its events are the lane's (see Hub.on_ready)
+        if guest.watched:  # it waited at the door: its registration in the loop's hub
+            guest.door._leave(guest)  # stays, no epoll_ctl
+            client.watched = True
+            self.members.add(client)
+        else:
+            self._watch(client, EPOLLIN)
         return client
 
     cdef _drop(self, Side client):
@@ -303,6 +442,9 @@ cdef class Lane:
         self._unwatch(client, True)
         guest.door._forget(guest)
         close(client.fd)
+        guest.side = None  # no cycle left: both go by reference counting, not the GC
+        # (the side stays in the hub's graveyard, and through it the guest, until the
+        # end of this wake-up)
 
     def add_server(self, owner, int fd):
         """An idle server connection lent to the lane enters its free list (served to
@@ -333,7 +475,7 @@ cdef class Lane:
 
     def eject(self, Side side not None, str reason=ASKED):
         """``side`` (with its linked peer) out of the lane now, through on_eject."""
-        if side.active:
+        if side.watched:
             self._eject(side, b"", b"", reason)
 
     def sides(self):
@@ -347,7 +489,7 @@ cdef class Lane:
         cdef Side server
         while self.free and done != count:
             server = self.free.pop()
-            if server.active:
+            if server.watched:
                 self._eject(server, b"", b"", RETURNED)
                 done += 1
         return done
@@ -358,20 +500,18 @@ cdef class Lane:
             return
         self.closed = True
         for side in list(self.members):
-            if (<Side>side).active:
+            if (<Side>side).watched:
                 self._eject(side, b"", b"", ASKED)
-        if not self.serving:  # else on_ready's end lets them go
-            self.ejected.clear()
         self.free.clear()
         self.waiting.clear()
-        self.loop.remove_reader(self.epfd)
-        close(self.epfd)
-        self.epfd = -1
+        self.hub.release()
 
     cdef Side _side(self, owner, int fd, bint server):
         if self.closed:
             raise RuntimeError("the lane is closed")
         cdef Side side = Side.__new__(Side)
+        side.kind = SIDE
+        side.lane = self
         side.fd = fd
         side.owner = owner
         side.server = server
@@ -380,50 +520,23 @@ cdef class Lane:
         return side
 
     cdef _watch(self, Side side, unsigned int events):
-        cdef epoll_event event
-        event.events = events
-        event.data.ptr = <void *>side
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, side.fd, &event) < 0:
-            raise OSError(errno, f"cannot watch fd {side.fd}")
-        side.active = True
+        self.hub.add(_token(side), side.fd, events)
+        side.watched = True
         self.members.add(side)
 
     cdef void _listen(self, Side side, unsigned int events):
         """Change what wakes us for ``side`` (0: only hang-ups and errors)."""
-        cdef epoll_event event
-        event.events = events
-        event.data.ptr = <void *>side
-        epoll_ctl(self.epfd, EPOLL_CTL_MOD, side.fd, &event)
+        self.hub.change(_token(side), side.fd, events)
 
     cdef _unwatch(self, Side side, bint closing=False):
-        if side.active:
-            side.active = False
+        if side.watched:
             if side.queued:
                 side.queued = False
                 self.queue_length -= 1
-            if self.epfd >= 0 and not closing:  # closing it takes it out of the set
-                epoll_ctl(self.epfd, EPOLL_CTL_DEL, side.fd, NULL)
+            self.hub.drop(side, side.fd, closing)
             self.members.discard(side)
-            self.ejected.append(side)  # alive until the end of this wake-up
 
     # -- serving -------------------------------------------------------------------
-
-    def on_ready(self):
-        """The event loop's reader callback: serve every socket that is ready."""
-        cdef int count = epoll_wait(self.epfd, ready_events, MAX_EVENTS, 0)
-        cdef int i
-        cdef Side side
-        self.wakeups += 1
-        self.now = _monotonic()
-        self.serving = True
-        try:
-            for i in range(count):
-                side = <Side>ready_events[i].data.ptr
-                if side.active:  # not ejected earlier in this wake-up
-                    self._read(side)
-        finally:
-            self.serving = False
-            self.ejected.clear()
 
     cdef _read(self, Side side):
         cdef ssize_t got = recv(side.fd, read_buf, READ_SIZE, 0)
@@ -565,7 +678,7 @@ cdef class Lane:
                 self._eject(server, _bytes(data, pos, size), b"", UNSOLICITED)
             else:
                 self._release(server)
-            if client.active and client.pending is not None:
+            if client.watched and client.pending is not None:
                 pending, client.pending = client.pending, None  # sent meanwhile: its
                 self._from_client(client, pending, len(pending), pending)  # turn, queued
             return
@@ -588,7 +701,7 @@ cdef class Lane:
         cdef Side server
         while self.free:
             server = self.free.pop()
-            if server.active:
+            if server.watched:
                 return server
         return None
 
@@ -602,7 +715,7 @@ cdef class Lane:
             return
         while self.waiting:
             client = self.waiting.popleft()
-            if not client.active:
+            if not client.watched:
                 continue
             client.queued = False
             self.queue_length -= 1
@@ -723,7 +836,7 @@ cdef class Login:
         self.info = info
 
 
-cdef class Guest:
+cdef class Guest(_Member):
     """A client connection accepted by the Door: logging in there, then idle or busy in
     a lane, with no Python object of its own until the Python path needs one."""
 
@@ -747,14 +860,29 @@ cdef class Guest:
         return f"<guest fd={self.fd} pid={self.pid}>"
 
 
-cdef class _Listener:
+cdef class _Listener(_Member):
     cdef int fd
     cdef bint tcp
+    cdef bint checked  # whether its accepted sockets inherit TCP_NODELAY: looked
+    cdef bint inherits  # at the first one (Linux copies it from the listening socket)
+    cdef Door door
+
+
+cdef void _no_delay(_Listener listener, int fd) noexcept:
+    """TCP_NODELAY on an accepted socket, unless it came with it."""
+    cdef int value = 0, one = 1
+    cdef unsigned int size = sizeof(int)
+    if not listener.checked:
+        listener.checked = True
+        if getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &value, &size) == 0 and value:
+            listener.inherits = True
+            return
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
 
 
 cdef class Door:
-    """Listening sockets watched by an epoll set on the event loop (as the Lane's), and
-    the logins it can answer in C.
+    """Listening sockets watched in the loop's Hub (as the lanes' sockets are), and the
+    logins it can answer in C.
 
     A connection it accepts is a :class:`Guest`. The guest's SSLRequest is refused
     (``refuse_ssl``: 'N') and its StartupMessage looked up, byte for byte, in
@@ -768,8 +896,7 @@ cdef class Door:
     bytes read so far: the fd is Python's from then on.
     """
 
-    cdef int epfd
-    cdef object loop
+    cdef readonly Hub hub
     cdef object on_handoff
     cdef public dict logins  # startup packet -> Login
     cdef public long long limit  # guests at most; past it, connections go to Python
@@ -783,10 +910,6 @@ cdef class Door:
     cdef readonly bint closed
 
     def __cinit__(self, loop, on_handoff):
-        self.epfd = epoll_create1(EPOLL_CLOEXEC)
-        if self.epfd < 0:
-            raise OSError(errno, "epoll_create1 failed")
-        self.loop = loop
         self.on_handoff = on_handoff
         self.logins = {}
         self.keys = {}
@@ -794,17 +917,19 @@ cdef class Door:
         self.listeners = []
         self.limit = 1 << 62
         self.next_pid = (_random32() & 0x3FFFFFFF) | 0x40000000
-        loop.add_reader(self.epfd, self.on_ready)
-
-    def __dealloc__(self):
-        if self.epfd >= 0:
-            close(self.epfd)
+        self.hub = _hub(loop)
 
     def listen(self, int fd, bint tcp):
-        """Accept on a listening socket (non-blocking; its owner keeps it open)."""
+        """Accept on a listening socket (non-blocking; its owner keeps it open). A TCP
+        one gets TCP_NODELAY, which the sockets it accepts inherit."""
+        cdef int one = 1
+        if tcp and setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int)) < 0:
+            raise OSError(errno, "cannot set TCP_NODELAY on the listening socket")
         cdef _Listener listener = _Listener.__new__(_Listener)
+        listener.kind = LISTENER
         listener.fd = fd
         listener.tcp = tcp
+        listener.door = self
         self._watch(listener, fd)
         self.listeners.append(listener)
 
@@ -847,23 +972,22 @@ cdef class Door:
             if type(member) is Guest:
                 self._close_guest(<Guest>member)
         self.logins.clear()
-        self.loop.remove_reader(self.epfd)
-        close(self.epfd)
-        self.epfd = -1
+        self.hub.release()
 
-    cdef _watch(self, object member, int fd):
-        cdef epoll_event event
-        event.events = EPOLLIN
-        event.data.ptr = <void *>member
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
-            raise OSError(errno, f"cannot watch fd {fd}")
+    cdef _watch(self, _Member member, int fd):
+        self.hub.add(member, fd, EPOLLIN)
+        member.watched = True
         self.members.add(member)
 
-    cdef _unwatch(self, object member, int fd):
-        if member in self.members:
-            if self.epfd >= 0:
-                epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+    cdef _unwatch(self, _Member member, int fd, bint closing=False):
+        if member.watched:
+            self.hub.drop(member, fd, closing)
             self.members.discard(member)
+
+    cdef _leave(self, Guest guest):
+        """A guest goes on to a lane with its registration (see Lane._add_guest)."""
+        guest.watched = False
+        self.members.discard(guest)
 
     cdef _forget(self, Guest guest):
         """The guest is no longer the door's to count (closed, or now Python's)."""
@@ -873,21 +997,8 @@ cdef class Door:
             if guest.login is not None:
                 self.keys.pop((<long long>guest.pid << 32) | guest.key, None)
 
-    def on_ready(self):
-        cdef int count = epoll_wait(self.epfd, ready_events, MAX_EVENTS, 0)
-        cdef int i
-        cdef list woken = [<object>ready_events[i].data.ptr for i in range(count)]
-        cdef double now = _monotonic()
-        for member in woken:
-            if member not in self.members:  # gone earlier in this wake-up
-                continue
-            if type(member) is _Listener:
-                self._accept(<_Listener>member, now)
-            else:
-                self._login(<Guest>member)
-
     cdef _accept(self, _Listener listener, double now):
-        cdef int fd, one = 1, n
+        cdef int fd, n
         cdef Guest guest
         for n in range(ACCEPTS_PER_WAKEUP):
             fd = accept4(listener.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
@@ -895,9 +1006,10 @@ cdef class Door:
                 if errno == EINTR or errno == ECONNABORTED:
                     continue
                 return  # EAGAIN; or out of descriptors: the next wake-up tries again
-            if listener.tcp:
-                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
+            if listener.tcp and not listener.inherits:
+                _no_delay(listener, fd)
             guest = Guest.__new__(Guest)
+            guest.kind = GUEST
             guest.fd = fd
             guest.door = self
             guest.connect_time = now
@@ -906,12 +1018,8 @@ cdef class Door:
             if self.guests > self.limit or not self.logins:
                 self._hand_off(guest, b"")  # Python's limit check, or nothing to answer
                 continue
-            try:
-                self._watch(guest, fd)
-            except OSError:
-                self._hand_off(guest, b"")
-                continue
-            self._login(guest)  # its first packet is often here already: no wake-up for it
+            self._login(guest)  # its first packet is often here already: not watched
+            # until it is not (no epoll_ctl at all for a login answered at once)
 
     cdef _login(self, Guest guest):
         cdef ssize_t got = recv(guest.fd, read_buf, READ_SIZE, 0)
@@ -922,6 +1030,7 @@ cdef class Door:
         cdef bint python = False  # the rest is Python's to judge
         if got < 0:
             if errno == EAGAIN or errno == EINTR:
+                self._wait(guest)
                 return
             self._close_guest(guest)
             return
@@ -940,6 +1049,7 @@ cdef class Door:
                 break
             if size - pos < length:
                 guest.buf = bytearray(_bytes(data, pos, size))
+                self._wait(guest)
                 return
             code = _be32(data + pos + 4)
             if code == SSL_REQUEST_CODE and length == 8 and self.refuse_ssl:
@@ -956,10 +1066,20 @@ cdef class Door:
             break
         if python:
             self._hand_off(guest, _bytes(data, pos, size))
-        elif pos == size:
+            return
+        if pos == size:
             guest.buf = None
         else:  # the first bytes of a packet
             guest.buf = bytearray(_bytes(data, pos, size))
+        self._wait(guest)
+
+    cdef _wait(self, Guest guest):
+        """Watch a guest whose login is not all here yet (once)."""
+        if not guest.watched:
+            try:
+                self._watch(guest, guest.fd)
+            except OSError:
+                self._hand_off(guest, bytes(guest.buf) if guest.buf is not None else b"")
 
     cdef bint _welcome(self, Guest guest, Login login) except -1:
         cdef Lane lane = login.lane
@@ -982,7 +1102,6 @@ cdef class Door:
         if _send_all(guest.fd, out, size + 19) != size + 19:
             self._close_guest(guest)  # a fresh socket that cannot take 1 KB: gone
             return True
-        self._unwatch(guest, guest.fd)
         guest.buf = None
         guest.login = login
         self.keys[(<long long>guest.pid << 32) | guest.key] = guest
@@ -990,6 +1109,7 @@ cdef class Door:
         try:
             lane._add_guest(guest)
         except (OSError, RuntimeError):  # logged in, but the lane cannot have it
+            self._unwatch(guest, guest.fd)
             self._forget(guest)
             self.on_handoff(guest.fd, b"", guest.connect_time, guest)
         return True
@@ -1000,6 +1120,6 @@ cdef class Door:
         self.on_handoff(guest.fd, data, guest.connect_time, None)
 
     cdef _close_guest(self, Guest guest):
-        self._unwatch(guest, guest.fd)
+        self._unwatch(guest, guest.fd, True)
         self._forget(guest)
         close(guest.fd)

@@ -189,7 +189,8 @@ def test_names_statements(batch: bytes, named: bool) -> None:
 words = st.sampled_from(
     [b"set", b"SET", b"Reset", b"do", b"load", b"set_config", b"pg_temp", b"temporary",
      b"hold", b"LISTEN", b"role", b"session", b"pg_advisory_lock", b"pg_try_advisory_lock",
-     b"_shared", b"x", b"1", b"_", b"select", b"settings", b"pg_", b"a" * 70, b"\xc3\xa9"]
+     b"_shared", b"x", b"1", b"_", b"select", b"settings", b"pg_", b"a" * 70, b"\xc3\xa9",
+     b"PG_Try_Advisory_Lock_Shared", b"Do", b"d", b"s" * 64, b"set" * 22]
 )  # fmt: skip
 separators = st.sampled_from([b"", b" ", b";", b"(", b"\x00", b"\n", b"'", b"$"])
 

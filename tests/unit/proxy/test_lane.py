@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from millpond.proxy import session
-from tests.helpers import run
+from tests.helpers import run, until
 
 try:
     from millpond.proxy import _lane
@@ -309,15 +309,46 @@ def test_counters_and_one_wakeup_for_many_ready_sockets() -> None:
     run(main())
 
 
+def test_lanes_on_one_loop_share_one_hub_and_its_wakeups() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with rig() as one, rig() as two:
+            hub = one.lane.hub
+            assert two.lane.hub is hub
+            assert hub.users == 2
+            before = (hub.wakeups, one.lane.wakeups, two.lane.wakeups)
+            # a query in each lane, both ready before the loop runs again: one wake-up
+            one.app.send(query("select 1"))
+            two.app.send(query("select 2"))
+            assert await one.receive(one.db, 14) == query("select 1")
+            assert await loop.sock_recv(two.db, 100) == query("select 2")
+            after = (hub.wakeups, one.lane.wakeups, two.lane.wakeups)
+            assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
+            one.lane.close()  # the other lane keeps being served
+            assert hub.users == 1
+            assert not hub.closed
+            two.db.send(RESPONSE + READY)
+            assert await two.receive(two.app, len(RESPONSE + READY)) == RESPONSE + READY
+        assert hub.users == 0
+        assert hub.closed
+        async with rig() as three:  # and a new lane gets a new one
+            assert three.lane.hub is not hub
+            assert not three.lane.hub.closed
+
+    run(main())
+
+
 # -- pooling: idle clients, a free list of servers, a queue ---------------------------
 
 
 class Database:
     """Plays a server connection: answers each Query with its text and a ReadyForQuery
-    (in a transaction from BEGIN to COMMIT), after ``delay`` seconds."""
+    (in a transaction from BEGIN to COMMIT), after ``delay`` seconds (and once ``hold``
+    is set, if there is one)."""
 
     def __init__(self, sock: socket.socket, delay: float = 0.0) -> None:
         self.sock, self.delay = sock, delay
+        self.hold: asyncio.Event | None = None
         self.seen: list[bytes] = []
         self.status = b"I"
         self.task = asyncio.create_task(self._serve())
@@ -335,6 +366,8 @@ class Database:
                     self.status = b"T"
                 elif sql.startswith(b"COMMIT"):
                     self.status = b"I"
+                if self.hold is not None:
+                    await self.hold.wait()
                 await asyncio.sleep(self.delay)
                 await loop.sock_sendall(self.sock, answer(sql, self.status))
 
@@ -624,19 +657,21 @@ def test_a_queued_client_that_floods_is_not_read_until_served() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         sides: list[Any] = []
-        async with pool(clients=2, servers=1, delay=0.05, sides=sides) as (_, apps, dbs, _e):
+        async with pool(clients=2, servers=1, sides=sides) as (_, apps, dbs, _e):
+            hold = dbs[0].hold = asyncio.Event()  # the first transaction lasts until set
             first = asyncio.create_task(ask(apps[0], b"select 0"))
-            await asyncio.sleep(0.01)
+            await until(lambda: dbs[0].seen == [b"select 0"], what="the first query served")
             sqls = [b"select %d" % n for n in range(1, 8001)]  # ~130 KB of requests
             flood = asyncio.create_task(
                 loop.sock_sendall(apps[1], b"".join(msg(b"Q", q + b"\x00") for q in sqls))
             )
-            await asyncio.sleep(0.02)
             queued = sides[1]
+            await until(lambda: queued.muted, what="more than max_message sent while queued")
+            await asyncio.sleep(0.02)  # and is not read any more
             assert queued.queued
-            assert queued.muted, "it sent more than max_message while queued"
+            assert queued.muted
             assert queued.buffered <= 65536 + 65536, "read at most one more buffer"
-            dbs[0].delay = 0.0  # the rest at full speed
+            hold.set()
             await first
             expected = b"".join(answer(q) for q in sqls)
             got = b""

@@ -10,7 +10,7 @@ Built when a C compiler is there; millpond runs without it.
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memset
 
 cdef object _bad_length = None
 cdef object _bad_ready = None
@@ -128,8 +128,13 @@ def names_statements(bytes data):
 
 # -- session-state hint ---------------------------------------------------------------
 
-cdef inline bint _is_word(unsigned char c) noexcept nogil:
-    return (c >= 97 and c <= 122) or (c >= 65 and c <= 90) or (c >= 48 and c <= 57) or c == 95
+cdef bint _word_char[256]  # ASCII letters, digits and the underscore
+for _c in range(256):
+    _word_char[_c] = chr(_c).isascii() and (chr(_c).isalnum() or _c == 95)
+
+
+cdef inline unsigned char _lower(unsigned char c) noexcept nogil:
+    return c + 32 if 65 <= c <= 90 else c
 
 
 cdef tuple _WORDS = ()  # keeps the bytes alive that _word_at points into
@@ -137,6 +142,11 @@ cdef tuple _PREFIXES = ()
 cdef const unsigned char* _word_at[64]
 cdef Py_ssize_t _word_len[64]
 cdef Py_ssize_t _nwords = 0, _nprefixes = 0
+# a quick no for almost every word: is there a word of this length (0: 64 or more)
+# starting with this letter, or a prefix starting with it (and how short is the shortest)?
+cdef bint _word_start[64][256]
+cdef bint _prefix_start[256]
+cdef Py_ssize_t _shortest_prefix = 1 << 30
 
 
 def set_hint_words(words, prefixes):
@@ -145,11 +155,22 @@ def set_hint_words(words, prefixes):
     words, prefixes = tuple(words), tuple(prefixes)
     if len(words) + len(prefixes) > 64:
         raise ValueError("at most 64 words and prefixes")
+    global _shortest_prefix
+    if not all(w and w == w.lower() for w in words + prefixes):
+        raise ValueError("the words and prefixes must be in lower case (and not empty)")
     _WORDS, _PREFIXES = words, prefixes
     for i, w in enumerate(words + prefixes):
         _word_at[i] = <const unsigned char*>PyBytes_AS_STRING(w)
         _word_len[i] = PyBytes_GET_SIZE(w)
     _nwords, _nprefixes = len(words), len(prefixes)
+    memset(_word_start, 0, sizeof(_word_start))
+    memset(_prefix_start, 0, sizeof(_prefix_start))
+    _shortest_prefix = 1 << 30
+    for w in words:
+        _word_start[len(w) % 64][w[0]] = True
+    for w in prefixes:
+        _prefix_start[w[0]] = True
+        _shortest_prefix = min(_shortest_prefix, len(w))
 
 
 cdef bint _listed(const unsigned char* low, Py_ssize_t size, bint whole) noexcept nogil:
@@ -181,18 +202,22 @@ def hint(object data):
 cdef bint _hint(const unsigned char* p, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i = 0, start, j, size
     cdef unsigned char low[64]
-    cdef unsigned char c
+    cdef unsigned char first
     while i < n:
-        if not _is_word(p[i]):
+        if not _word_char[p[i]]:
             i += 1
             continue
         start = i
-        while i < n and _is_word(p[i]):
+        while i < n and _word_char[p[i]]:
             i += 1
+        first = _lower(p[start])
+        if not _word_start[(i - start) % 64][first] and not (
+            _prefix_start[first] and i - start >= _shortest_prefix
+        ):
+            continue  # no word or prefix of its length and first letter: most words
         size = i - start if i - start < 64 else 64  # longer: only a prefix can match
         for j in range(size):
-            c = p[start + j]
-            low[j] = c + 32 if 65 <= c <= 90 else c
+            low[j] = _lower(p[start + j])
         if _listed(low, size, i - start == size):
             return True
     return False
