@@ -143,8 +143,14 @@ def test_timeouts_fire_through_a_faulty_network(own_cluster: ClusterFactory, dri
                 await pool.fetchval("SELECT 1")
             took["acquire_timeout=0.3"] = t.elapsed
             assert 0.3 - TICK <= t.elapsed < 0.3 + SLACK
-            relay.set_pass()  # the hanging connect gets through
-            assert await pool.fetchval("SELECT 1") == 1
+            relay.set_pass()  # the hanging connect gets through, or a retry of it does
+            async with asyncio.timeout(10):  # on a loaded machine, more than one 0.3s wait
+                while True:
+                    try:
+                        assert await pool.fetchval("SELECT 1") == 1
+                        break
+                    except PoolTimeout:
+                        continue
 
             relay.drop()  # an established connection goes silent: the query timeout
             with Timer() as t, pytest.raises(TimeoutError):
