@@ -48,7 +48,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from _common import machine, median, spread, table, verdict
+from _common import machine, median, median_interval, spread, table, verdict
 from millpond.embedded import PostgresCluster
 
 PACKAGES = ("millpond", "uvloop")
@@ -686,16 +686,27 @@ def ratios(
         theirs_by_round = {r.round: r.tps for r in theirs.ok()}
         paired = [r.tps / theirs_by_round[r.round] for r in mine.ok() if r.round in theirs_by_round]
         ratio = median(paired)
+        ci_low, ci_high, coverage = median_interval(paired)
         target = TPS_TARGETS.get(case) if theirs_name == "pgbouncer" else None
-        result = verdict(ratio, target) if target is not None else ""
+        result = settled(ratio, ci_low, ci_high, target) if target is not None else ""
         if ratio != ratio:
             result = "n/a"
         low, high = (min(paired), max(paired)) if paired else (float("nan"), float("nan"))
         out.append(
             {"case": case, "ratio": ratio, "low": low, "high": high, "rounds": len(paired)}
-            | {"target": target, "verdict": result}
+            | {"ci_low": ci_low, "ci_high": ci_high, "coverage": coverage}
+            | {"ahead": sum(1 for r in paired if r > 1), "target": target, "verdict": result}
         )
     return out
+
+
+def settled(ratio: float, ci_low: float, ci_high: float, target: float) -> str:
+    """The verdict on the median ratio, and whether the rounds settle it: when the
+    median's confidence interval holds the target, the verdict is noise's to flip."""
+    result = verdict(ratio, target)
+    if result in ("meets", "MISSES") and ci_low < target <= ci_high:
+        result += " (not settled)"
+    return result
 
 
 def report(
@@ -718,7 +729,8 @@ def report(
         "",
         table(headers, body),
         "",
-        "millpond / PgBouncer TPS (median of the per-round ratios; range over the rounds):",
+        "millpond / PgBouncer TPS: the median of the per-round ratios, a distribution-free",
+        "confidence interval for it, the rounds millpond was ahead in, the range over them:",
     ]
     lines.append(ratio_table(ratio_rows))
     if baseline_rows:
@@ -733,9 +745,12 @@ def ratio_table(ratio_rows: list[dict[str, Any]]) -> str:
         ok = r["ratio"] == r["ratio"]
         ratio = f"{r['ratio']:.2f}x" if ok else "n/a"
         span = f"{r['low']:.2f}-{r['high']:.2f}" if ok else ""
+        interval = f"{r['ci_low']:.2f}-{r['ci_high']:.2f} ({r['coverage']:.0%})" if ok else ""
+        ahead = f"{r['ahead']}/{r['rounds']}" if ok else ""
         target = f">= {r['target']:.1f}x" if r["target"] is not None else "(no target)"
-        body.append([r["case"], ratio, span, target, r["verdict"]])
-    return table(["case", "ratio", "range", "target", "verdict"], body)
+        body.append([r["case"], ratio, interval, ahead, span, target, r["verdict"]])
+    headers = ["case", "ratio", "median's CI", "ahead", "range", "target", "verdict"]
+    return table(headers, body)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
