@@ -97,16 +97,19 @@ ADMIN, STATS_USER = "postgres", "statsuser"
 # -- helpers --------------------------------------------------------------------------
 
 
+#: what running_proxy sets unless told otherwise
+BASE_SETTINGS: dict[str, Any] = {
+    "auth_type": "trust",
+    "unix_socket_dir": "",
+    "admin_users": ADMIN,
+    "stats_users": STATS_USER,
+    "pool_mode": "transaction",
+}
+
+
 @asynccontextmanager
 async def running_proxy(pg_cluster: PostgresCluster, **overrides: Any) -> AsyncIterator[Proxy]:
-    settings: dict[str, Any] = {
-        "auth_type": "trust",
-        "unix_socket_dir": "",
-        "admin_users": ADMIN,
-        "stats_users": STATS_USER,
-        "pool_mode": "transaction",
-    }
-    settings.update(overrides)
+    settings = {**BASE_SETTINGS, **overrides}
     proxy = Proxy(config_from_args("127.0.0.1:0", pg_cluster.dsn(), **settings))
     await proxy.start()
     try:

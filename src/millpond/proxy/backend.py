@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 from millpond.drivers.base import Driver
 from millpond.errors import DatabaseUnavailable, ProtocolError
 from millpond.pool.core import Release
+from millpond.proxy import tcp
 from millpond.proxy.auth_server import ServerAuthenticator
 from millpond.proxy.limits import Budget
 from millpond.proxy.prepared import ServerStatements
@@ -80,6 +81,9 @@ class ServerTarget:
     connect_query: str | None = None
     max_prepared: int = 200
     tls: ServerTLS = field(default_factory=ServerTLS)
+    #: the tcp_* settings (millpond.proxy.tcp): new connections take them up after a
+    #: RELOAD, without one reconnecting the pool (hence not compared)
+    socket_options: tuple[tcp.Option, ...] = field(default=(), compare=False)
 
     def describe(self) -> str:
         where = self.host or f"{self.socket_dir}/.s.PGSQL.{self.port}"
@@ -314,6 +318,8 @@ async def open_server(
                 await loop.create_connection(lambda: conn, target.host, target.port)
             else:
                 await connect_with_tls(conn, target.host, target.port, target.tls)
+            if target.socket_options and conn.transport is not None:
+                tcp.tune(conn.transport.get_extra_info("socket"), target.socket_options)
             await conn.wait_ready()
             if target.connect_query:
                 await conn.query(target.connect_query)

@@ -69,6 +69,7 @@ from millpond.proxy.settings import (
     _text,
     parse_setting,
 )
+from millpond.proxy.tcp import socket_options
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -423,6 +424,7 @@ def _check(settings: ProxySettings, sources: Mapping[str, str]) -> None:
         raise ConfigError(
             "auth_hba_file", "must be set when auth_type is hba", source=sources.get("auth_type")
         )
+    socket_options(settings, sources)  # a tcp_* setting this platform cannot apply
     mode = settings.client_tls_sslmode
     if mode != "disable" and not (settings.client_tls_key_file and settings.client_tls_cert_file):
         raise ConfigError(

@@ -21,6 +21,7 @@ from millpond.pool.pool import Pool
 from millpond.pool.state import CloseReason, Slot
 from millpond.proxy.backend import ServerDriver, ServerTarget
 from millpond.proxy.config import DatabaseEntry, ProxyConfig, UserEntry
+from millpond.proxy.tcp import socket_options
 from millpond.proxy.tls import ServerTLS
 
 if TYPE_CHECKING:
@@ -278,4 +279,5 @@ def server_target(
         connect_query=db.connect_query,
         max_prepared=config.settings.max_prepared_statements,
         tls=ServerTLS.from_settings(config.settings),
+        socket_options=socket_options(config.settings),
     )

@@ -15,7 +15,7 @@ from millpond.errors import ConfigError, DatabaseUnavailable
 from millpond.pool.janitor import Janitor
 from millpond.pool.state import Slot
 from millpond.proxy import door as door_module
-from millpond.proxy import login
+from millpond.proxy import login, tcp
 from millpond.proxy.auth import error_no_such_user
 from millpond.proxy.backend import TRACKED_PARAMS, ServerDriver
 from millpond.proxy.config import (
@@ -121,6 +121,7 @@ class Proxy:
             self.servers.append(server)
             for sock in getattr(server, "sockets", ()):
                 self.addresses.append("{}:{}".format(*sock.getsockname()[:2]))
+        self._tune_listeners(s)
         if s.unix_socket_dir:
             path = _stale_socket_removed(s.unix_socket_dir, s.listen_port)
             unix: asyncio.AbstractServer
@@ -138,6 +139,13 @@ class Proxy:
 
         self.stats_server = await start_stats_server(self)  # /metrics, /healthz, dashboard
         self.stats_logger = start_stats_logger(self)  # PgBouncer's log_stats / stats_period
+
+    def _tune_listeners(self, s: ProxySettings) -> None:
+        """PgBouncer's tcp_* settings on the listening TCP sockets (at start and RELOAD):
+        the connections they accept from then on inherit them (millpond.proxy.tcp)."""
+        for server in self.servers:
+            for sock in getattr(server, "sockets", ()):
+                tcp.tune_listener(sock, s)
 
     @property
     def port(self) -> int:
@@ -509,6 +517,7 @@ class Proxy:
     def apply_config(self, new: ProxyConfig, tls: Any = None) -> None:
         self.config = new
         self.client_tls = tls
+        self._tune_listeners(new.settings)
         if self.door is not None:
             self.door.forget()  # logins are learned again under the new settings
             self.door.door.refuse_ssl = tls is None  # else SSLRequests are Python's
@@ -520,8 +529,9 @@ class Proxy:
                 continue
             secret = self._server_secret(db, user)
             target = server_target(new, db, user, secret)
-            if target != pool.server_driver.target:
-                pool.server_driver.target = target
+            changed = target != pool.server_driver.target  # (socket options aside)
+            pool.server_driver.target = target
+            if changed:
                 pool.reconnect()
             pool.reconfigure(
                 pool_mode(new, db, new.users.get(user)), pool_settings(new, db, new.users.get(user))
