@@ -15,8 +15,13 @@ import psycopg
 import pytest
 
 from millpond.embedded import PostgresCluster
+from millpond.proxy.config import config_from_args
 from millpond.proxy.protocol import messages as m
+from millpond.proxy.server import Proxy
 from tests.e2e.conftest import ProxyFactory
+from tests.helpers import run
+from tests.integration.test_proxy_lane import simple, value
+from tests.integration.test_proxy_tcp import options, server_fds
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +184,37 @@ def test_cert_auth_takes_the_user_from_the_certificate(
         psycopg.connect(url("stranger"))
     with pytest.raises(psycopg.OperationalError):  # no certificate: the handshake fails
         psycopg.connect(proxy.url() + "?sslmode=require&sslcert=/nonexistent")
+
+
+def test_tls_server_connections_get_the_tcp_settings(
+    tls_cluster: PostgresCluster, certs: Path
+) -> None:
+    """tcp_* settings reach a server connection under TLS too (its socket is found
+    through the TLS transport)."""
+
+    async def main() -> None:
+        config = config_from_args(
+            "127.0.0.1:0",
+            tls_cluster.dsn(),
+            auth_type="trust",
+            unix_socket_dir="",
+            server_tls_sslmode="verify-full",
+            server_tls_ca_file=str(certs / "cert.pem"),
+            tcp_keepidle="33",
+        )
+        proxy = Proxy(config)
+        await proxy.start()
+        try:
+            conn = await simple(proxy)
+            sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            assert await value(conn, sql) is True
+            servers = server_fds(proxy)
+            assert servers
+            for fd in servers:
+                got = options(fd)
+                assert (got["keepalive"], got["idle"]) == (1, 33)
+            await conn.close()
+        finally:
+            await proxy.shutdown(timeout=1)
+
+    run(main())

@@ -318,8 +318,9 @@ async def open_server(
                 await loop.create_connection(lambda: conn, target.host, target.port)
             else:
                 await connect_with_tls(conn, target.host, target.port, target.tls)
-            if target.socket_options and conn.transport is not None:
-                tcp.tune(conn.transport.get_extra_info("socket"), target.socket_options)
+            sock = conn.transport.get_extra_info("socket") if conn.transport else None
+            if sock is not None and target.socket_options:
+                tcp.tune(sock, target.socket_options)
             await conn.wait_ready()
             if target.connect_query:
                 await conn.query(target.connect_query)
