@@ -1018,8 +1018,9 @@ cdef class Door:
             if self.guests > self.limit or not self.logins:
                 self._hand_off(guest, b"")  # Python's limit check, or nothing to answer
                 continue
-            self._login(guest)  # its first packet is often here already: not watched
-            # until it is not (no epoll_ctl at all for a login answered at once)
+            self._login(guest)  # its first packet is usually here (nearly always with
+            # TCP_DEFER_ACCEPT): not watched until it is not (no epoll_ctl at all for a
+            # login answered at once)
 
     cdef _login(self, Guest guest):
         cdef ssize_t got = recv(guest.fd, read_buf, READ_SIZE, 0)
