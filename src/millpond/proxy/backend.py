@@ -66,6 +66,9 @@ _LOGIN, _IDLE, _INTERNAL, _CLOSED = (
 )  # fmt: skip
 _BROKEN, _DIRTY, _CLEAN = Release.BROKEN, Release.DIRTY, Release.CLEAN
 
+#: seconds a closing server connection gets to go before its transport is aborted
+CLOSE_WAIT = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class ServerTarget:
@@ -94,7 +97,7 @@ class ServerConnection(asyncio.Protocol):
     """One connection to PostgreSQL, owned by a pool, lent to one client at a time."""
 
     __slots__ = (
-        "_auth", "_error", "_on_internal_done", "_waiter", "applied", "backend_key",
+        "_auth", "_error", "_lost", "_on_internal_done", "_waiter", "applied", "backend_key",
         "backend_pid", "budgets", "cancels", "client", "lane", "lane_side", "needs_reset",
         "outstanding", "param_sig", "params", "reader", "rows", "state", "statements",
         "target", "transport", "tx_status"
@@ -124,6 +127,7 @@ class ServerConnection(asyncio.Protocol):
         self.budgets: tuple[Budget, ...] = ()  # room taken in max_db/user_connections
         self.lane: Any = None  # the PoolLane it is lent to, and its side there
         self.lane_side: Any = None
+        self._lost: asyncio.Future[None] | None = None  # done at connection_lost
 
     def __repr__(self) -> str:
         return (
@@ -134,6 +138,7 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self._lost = asyncio.get_running_loop().create_future()
         params = [("user", self.target.user), ("database", self.target.database)]
         params.extend(self.target.startup)
         self.transport.write(m.startup_message(dict(params)))
@@ -163,6 +168,8 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = _CLOSED
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         self._finish_wait(ConnectionError(self._error or "server closed the connection"))
         client = self.client
         if client is not None:
@@ -292,6 +299,19 @@ class ServerConnection(asyncio.Protocol):
         for budget in budgets:
             budget.give_back()
 
+    async def closed_within(self, seconds: float) -> None:
+        """Wait until the transport is gone (closing TLS waits for the server's
+        close_notify, a round trip); abort it if that takes longer than ``seconds``."""
+        lost = self._lost
+        if lost is None or lost.done():
+            return
+        try:
+            async with asyncio.timeout(seconds):
+                await asyncio.shield(lost)
+        except TimeoutError:
+            if self.transport is not None:
+                self.transport.abort()
+
     def terminate(self) -> None:
         """Say goodbye politely (Terminate), then close."""
         self.leave_lane()
@@ -412,6 +432,9 @@ class ServerDriver(Driver):
     async def close(self, conn: ServerConnection) -> None:
         conn.terminate()
         conn.release_budgets()
+        # gone before the pool forgets it: a proxy that stops leaves no TLS shutdown
+        # half done, and a server that does not answer costs a second, not a slot
+        await conn.closed_within(CLOSE_WAIT)
 
     def terminate(self, conn: ServerConnection) -> None:
         conn.abort("terminated by the pool")
