@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import random
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -18,7 +17,6 @@ def _common() -> ModuleType:
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_common", module)
     spec.loader.exec_module(module)
     return module
 
